@@ -1,0 +1,78 @@
+"""Build sn_cuda: the Python package, plus the CUDA extension ``sn_cuda._C`` when possible.
+
+SN_CUDA_BUILD selects the extension build:
+  unset / "auto"  build it when torch has CUDA and a CUDA toolkit is found, else skip quietly
+  "1"             build it, and fail loudly if it cannot be built
+  "0"             never build it (pure-Python package: the torch reference path)
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200). SN_CUDA_DEBUG=1 adds -G -lineinfo.
+The extension needs no GPU to compile: CI builds it on CPU-only machines.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_mode() -> str:
+    mode = os.environ.get("SN_CUDA_BUILD", "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"SN_CUDA_BUILD must be 'auto', '1' or '0', got {mode!r}")
+    return mode
+
+
+def _nvidia_include_dirs() -> list:
+    """Headers torch's CUDA wheel ships in the ``nvidia`` pip packages (cuBLAS, cuSPARSE, ...),
+    which ATen/cuda/CUDAContext.h includes and a bare toolkit may lack."""
+    try:
+        import nvidia  # namespace package installed with torch's CUDA wheels
+    except ImportError:
+        return []
+    dirs = []
+    for base in list(getattr(nvidia, "__path__", [])):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))  # nvidia/cu13/include, ...
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _extensions():
+    mode = _build_mode()
+    if mode == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        if mode == "1":
+            raise RuntimeError("SN_CUDA_BUILD=1 but torch is not importable") from e
+        return [], {}
+    why_not = None
+    if torch.version.cuda is None:
+        why_not = "torch is a CPU-only build"
+    elif cpp_extension.CUDA_HOME is None:
+        why_not = "no CUDA toolkit found (set CUDA_HOME)"
+    if why_not:
+        if mode == "1":
+            raise RuntimeError(f"SN_CUDA_BUILD=1 but the CUDA extension cannot be built: {why_not}")
+        print(f"sn_cuda: building the pure-Python package only ({why_not})", file=sys.stderr)
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    debug = os.environ.get("SN_CUDA_DEBUG", "0") == "1"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    ext = cpp_extension.CUDAExtension(
+        name="sn_cuda._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"] + (["-g"] if debug else []),
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"]),
+        },
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

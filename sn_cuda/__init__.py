@@ -1,0 +1,23 @@
+"""sn_cuda: spectral normalization for PyTorch, fused on the GPU, equal to torch's numbers.
+
+    sn_cuda.spectral_norm(module)          # = torch.nn.utils.parametrizations.spectral_norm
+    sn_cuda.legacy.spectral_norm(module)   # = torch.nn.utils.spectral_norm
+    sn_cuda.patch_torch()                  # torch's two functions build sn_cuda layers
+    sn_cuda.backend()                      # "cuda" or "torch", and .reason
+"""
+
+from . import legacy, ops, reference
+from ._extension import backend
+from .parametrization import spectral_norm
+from .patch import patch_torch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "spectral_norm",
+    "legacy",
+    "patch_torch",
+    "backend",
+    "ops",
+    "reference",
+]

@@ -1,0 +1,94 @@
+"""``sn_cuda.legacy``: torch.nn.utils.spectral_norm / remove_spectral_norm, computed by sn_cuda.
+
+The forward pre-hook subclasses torch's own ``SpectralNorm``, so state_dict keys
+(``weight_orig``, ``weight_u``, ``weight_v``), the ``spectral_norm`` version metadata, the
+loading of old version-less checkpoints (torch's ``SpectralNormLoadStateDictPreHook``), removal
+and the errors are torch's. Only ``compute_weight`` changes: it calls
+``sn_cuda.ops.spectral_norm`` with the hook flavour's order (v first, then u).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+from torch.nn.utils.spectral_norm import (
+    SpectralNormLoadStateDictPreHook,
+    SpectralNormStateDictHook,
+    remove_spectral_norm,
+)
+
+from . import ops
+from .parametrization import default_dim
+
+# The submodule, not the function of the same name that torch.nn.utils exports.
+_torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
+
+__all__ = ["SpectralNorm", "spectral_norm", "remove_spectral_norm"]
+
+
+class SpectralNorm(_torch_sn.SpectralNorm):
+    """torch's legacy spectral-norm hook whose weight computation runs on sn_cuda's ops.
+
+    ``remove_spectral_norm`` is torch's own: it finds this hook as a ``SpectralNorm``.
+    """
+
+    def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:
+        weight = getattr(module, self.name + "_orig")
+        u = getattr(module, self.name + "_u")
+        v = getattr(module, self.name + "_v")
+        w_sn, sigmas = ops.spectral_norm(
+            [weight], [u], [v], [self.dim], False, self.n_power_iterations, self.eps,
+            do_power_iteration,
+        )
+        self.last_sigma = (sigmas, 0)
+        return w_sn[0]
+
+    @staticmethod
+    def apply(module: torch.nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
+        # torch's SpectralNorm.apply, step for step (same checks, same RNG draws), with this
+        # class as the hook. Every check runs before the module is touched.
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
+                raise RuntimeError(
+                    f"Cannot register two spectral_norm hooks on the same parameter {name}"
+                )
+        fn = SpectralNorm(name, n_power_iterations, dim, eps)
+        weight = module._parameters[name]
+        if weight is None:
+            raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None")
+        if isinstance(weight, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(
+                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
+                "Make sure to run the dummy forward before applying spectral normalization"
+            )
+        with torch.no_grad():
+            weight_mat = fn.reshape_weight_to_matrix(weight)
+            h, w = weight_mat.size()
+            u = torch.nn.functional.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
+            v = torch.nn.functional.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
+        delattr(module, fn.name)
+        module.register_parameter(fn.name + "_orig", weight)
+        setattr(module, fn.name, weight.data)
+        module.register_buffer(fn.name + "_u", u)
+        module.register_buffer(fn.name + "_v", v)
+        module.register_forward_pre_hook(fn)
+        module._register_state_dict_hook(SpectralNormStateDictHook(fn))
+        module._register_load_state_dict_pre_hook(SpectralNormLoadStateDictPreHook(fn))
+        return fn
+
+
+def spectral_norm(
+    module: torch.nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+) -> torch.nn.Module:
+    """Drop-in for ``torch.nn.utils.spectral_norm`` (same arguments, keys, initial u/v for the
+    same RNG state, errors), computed by sn_cuda. Remove it with ``remove_spectral_norm``."""
+    if dim is None:
+        dim = default_dim(module)
+    SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+    return module

@@ -1,0 +1,204 @@
+"""The op boundary: sn_cuda's dispatcher ops, their fake kernels and their autograd.
+
+Three ops live in the ``sn_cuda`` namespace. Their schemas are defined here, so that the ops
+exist (and torch.compile traces them) whether or not the compiled extension is installed; the
+default implementation of each is the pure-torch reference (any device), and the extension
+(``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors.
+All layers of one call share one device and one dtype (``sn_cuda.batch`` groups them).
+
+``power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
+int n_power_iterations, float eps, bool training) -> (Tensor sigmas, Tensor uv)``
+    When ``training``, ``n_power_iterations`` steps on every layer, in place on u and v
+    (``u_first``: the parametrization flavour's order; else the hook flavour's). Then
+    σ_l = u_l·W_l v_l, taken from the last normalization (no extra pass over W when
+    training). ``uv`` is a packed snapshot [u_0, v_0, u_1, v_1, ...] of the vectors σ used,
+    for the backward (the buffers may be updated again before it runs). ``sigmas`` and ``uv``
+    have the accumulation dtype: float64 for float64 weights, float32 otherwise. No autograd:
+    torch, too, runs power iteration under no_grad.
+
+``normalize(Tensor[] weights, Tensor sigmas, Tensor uv, int[] dims) -> (Tensor[], Tensor)``
+    W_l/σ_l, and σ as a differentiable output. ``sigmas`` and ``uv`` must be what
+    ``power_iteration`` returned for these weights: the gradient is that of W/σ(W) with
+    σ(W) = u·W v (u, v constants), as in torch's flavours, not that of W/σ for a free σ.
+
+``normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas,
+Tensor uv, int[] dims) -> Tensor[]``
+    ∂L/∂W_l = (G_l − (⟨G_l, W_l/σ_l⟩ − g_l σ_l) u_l v_lᵀ) / σ_l, with G = ∂L/∂(W/σ) and
+    g = ∂L/∂σ (``SpectralPenalty`` differentiates σ itself).
+
+``spectral_norm`` at the bottom is what the modules and the batching layer call: the two ops
+when the kernels can run the weights, the reference (plain torch autograd) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _extension, reference
+
+__all__ = ["spectral_norm", "uses_kernels"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_cols(shape: Sequence[int], dim: int) -> tuple[int, int]:
+    return shape[dim], math.prod(s for i, s in enumerate(shape) if i != dim)
+
+
+def _split_uv(uv: Tensor, shapes: Sequence[Sequence[int]], dims: Sequence[int]):
+    """The per-layer (u, v) views of the packed ``uv`` snapshot."""
+    us, vs, offset = [], [], 0
+    for shape, dim in zip(shapes, dims):
+        rows, cols = _rows_cols(shape, dim)
+        us.append(uv[offset : offset + rows])
+        vs.append(uv[offset + rows : offset + rows + cols])
+        offset += rows + cols
+    return us, vs
+
+
+def _uv_numel(weights: Sequence[Tensor], dims: Sequence[int]) -> int:
+    return sum(sum(_rows_cols(w.shape, d)) for w, d in zip(weights, dims))
+
+
+# ------------------------------------------------------------ power iteration and sigma
+@torch.library.custom_op("sn_cuda::power_iteration", mutates_args=("us", "vs"))
+def power_iteration_op(
+    weights: list[Tensor],
+    us: list[Tensor],
+    vs: list[Tensor],
+    dims: list[int],
+    u_first: bool,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+) -> tuple[Tensor, Tensor]:
+    # Reference implementation (every device); the extension's CUDA kernel overrides it.
+    if not weights:
+        raise ValueError("sn_cuda::power_iteration: weights must hold at least one tensor")
+    acc = _acc_dtype(weights[0].dtype)
+    sigmas = []
+    for weight, u, v, dim in zip(weights, us, vs, dims):
+        mat = reference.weight_matrix(weight, dim)
+        if training:
+            reference.power_iteration(mat, u, v, u_first, n_power_iterations, eps)
+        sigmas.append(torch.vdot(u, torch.mv(mat, v)).to(acc))
+    uv = torch.cat([t.reshape(-1).to(acc) for pair in zip(us, vs) for t in pair])
+    return torch.stack(sigmas), uv
+
+
+@power_iteration_op.register_fake
+def _(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
+    acc = _acc_dtype(weights[0].dtype)
+    device = weights[0].device
+    sigmas = torch.empty(len(weights), dtype=acc, device=device)
+    return sigmas, torch.empty(_uv_numel(weights, dims), dtype=acc, device=device)
+
+
+# ------------------------------------------------------------------------- W / sigma
+@torch.library.custom_op("sn_cuda::normalize", mutates_args=())
+def normalize_op(
+    weights: list[Tensor], sigmas: Tensor, uv: Tensor, dims: list[int]
+) -> tuple[list[Tensor], Tensor]:
+    w_sn = [w / s.to(w.dtype) for w, s in zip(weights, sigmas.unbind(0))]
+    return w_sn, sigmas.clone()
+
+
+@normalize_op.register_fake
+def _(weights, sigmas, uv, dims):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights], torch.empty_like(sigmas)
+
+
+@torch.library.custom_op("sn_cuda::normalize_backward", mutates_args=())
+def normalize_backward_op(
+    grads: list[Tensor],
+    grad_sigmas: Tensor | None,
+    w_sn: list[Tensor],
+    sigmas: Tensor,
+    uv: Tensor,
+    dims: list[int],
+) -> list[Tensor]:
+    us, vs = _split_uv(uv, [w.shape for w in w_sn], dims)
+    if grad_sigmas is None:
+        grad_sigmas = torch.zeros_like(sigmas)
+    return reference.spectral_norm_backward(
+        grads, grad_sigmas.unbind(0), w_sn, sigmas.unbind(0), us, vs, dims
+    )
+
+
+@normalize_backward_op.register_fake
+def _(grads, grad_sigmas, w_sn, sigmas, uv, dims):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in w_sn]
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    weights, sigmas, uv, dims = inputs
+    w_sn, _ = output
+    ctx.dims = list(dims)
+    ctx.n = len(weights)
+    ctx.save_for_backward(sigmas, uv, *w_sn, *weights)
+
+
+def _backward(ctx, grads_w_sn, grad_sigmas):
+    sigmas, uv, *rest = ctx.saved_tensors
+    w_sn, weights = rest[: ctx.n], rest[ctx.n :]
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads_w_sn, w_sn)]
+    if torch.is_grad_enabled():
+        # create_graph=True (gradient penalties): a differentiable formula in plain torch ops,
+        # with σ recomputed from the saved weights so that second derivatives reach W.
+        us, vs = _split_uv(uv, [w.shape for w in weights], ctx.dims)
+        if grad_sigmas is None:
+            grad_sigmas = torch.zeros_like(sigmas)
+        d_sigmas, d_w_sn = [], []
+        for w, u, v, dim in zip(weights, us, vs, ctx.dims):
+            s = torch.vdot(u, torch.mv(reference.weight_matrix(w.to(uv.dtype), dim), v))
+            d_sigmas.append(s)
+            d_w_sn.append(w / s.to(w.dtype))
+        grad_weights = reference.spectral_norm_backward(
+            grads, grad_sigmas.unbind(0), d_w_sn, d_sigmas, us, vs, ctx.dims
+        )
+    else:
+        grad_weights = normalize_backward_op(grads, grad_sigmas, list(w_sn), sigmas, uv, ctx.dims)
+    return grad_weights, None, None, None
+
+
+normalize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------- what modules call
+def uses_kernels(weight: Tensor) -> bool:
+    """True when ``weight``'s spectral norm runs on the compiled CUDA kernels."""
+    return _extension.LOADED and weight.is_cuda and weight.dtype in _KERNEL_DTYPES
+
+
+def spectral_norm(
+    weights: Sequence[Tensor],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    dims: Sequence[int],
+    u_first: bool,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+) -> tuple[list[Tensor], list[Tensor] | Tensor]:
+    """W/σ and σ for layers of 2 or more dims sharing one device and dtype.
+
+    The fused op when the kernels can run them, the pure-torch reference otherwise. Returns
+    ``(w_sn, sigmas)``; ``sigmas[i]`` is layer i's σ either way.
+    """
+    if uses_kernels(weights[0]):
+        weights, dims = list(weights), list(dims)
+        with torch.no_grad():
+            sigmas, uv = power_iteration_op(
+                weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training
+            )
+        return normalize_op(weights, sigmas, uv, dims)
+    return reference.spectral_norm(weights, us, vs, dims, u_first, n_power_iterations, eps, training)

@@ -1,0 +1,69 @@
+"""``sn_cuda.spectral_norm``: torch.nn.utils.parametrizations.spectral_norm, computed by sn_cuda.
+
+The parametrization subclasses torch's own ``_SpectralNorm``, so everything a user or a
+checkpoint can see is torch's: the ``parametrizations.weight.original`` and
+``parametrizations.weight.0._u / _v`` keys, the 15-step initialisation (and the extra step of
+``register_parametrization``'s check in training mode), the errors, ``right_inverse`` and
+removal with ``torch.nn.utils.parametrize.remove_parametrizations``. Only ``forward``
+changes: it calls ``sn_cuda.ops.spectral_norm`` (the fused kernels on CUDA, the pure-torch
+reference elsewhere, which performs torch's exact op sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+
+from . import ops
+
+__all__ = ["SpectralNorm", "spectral_norm", "TRANSPOSED_CONVS", "default_dim"]
+
+# Modules whose weight is laid out (in, out, ...): power iteration runs on dim 1, as in torch.
+TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def default_dim(module: torch.nn.Module) -> int:
+    return 1 if isinstance(module, TRANSPOSED_CONVS) else 0
+
+
+class SpectralNorm(_TorchSpectralNorm):
+    """torch's spectral-norm parametrization whose forward runs on sn_cuda's ops.
+
+    ``last_sigma`` holds σ of the last forward as ``(tensor, index)``: read through
+    ``sn_cuda.sigmas(model)``, which costs no extra pass over the weight.
+    """
+
+    last_sigma: tuple[Tensor, int] | None = None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1 or weight.is_complex():
+            # W / ‖W‖ for 1-D weights; complex weights stay on torch's own code.
+            return super().forward(weight)
+        w_sn, sigmas = ops.spectral_norm(
+            [weight], [self._u], [self._v], [self.dim], True,
+            self.n_power_iterations, self.eps, self.training,
+        )
+        self.last_sigma = (sigmas, 0)
+        return w_sn[0]
+
+
+def spectral_norm(
+    module: torch.nn.Module,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+) -> torch.nn.Module:
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` (same arguments, state_dict
+    keys, initial u/v for the same RNG state, errors), computed by sn_cuda."""
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is None:
+        dim = default_dim(module)
+    parametrize.register_parametrization(
+        module, name, SpectralNorm(weight, n_power_iterations, dim, eps)
+    )
+    return module

@@ -1,0 +1,112 @@
+"""The pure-torch spectral normalization of a list of layers: CPU fallback and test oracle.
+
+Every op here is the one torch's own flavours run (``torch.mv``, ``F.normalize(..., out=)``,
+``torch.vdot``), in the same order, so on the same inputs the results are bit-identical to
+``torch.nn.utils.spectral_norm`` (hook flavour) and
+``torch.nn.utils.parametrizations.spectral_norm`` (parametrization flavour). The fused CUDA
+kernels are tested against these functions.
+
+Conventions shared with the compiled op (``sn_cuda.ops``):
+
+* a weight of any shape is the matrix ``rows = shape[dim]`` by ``cols = numel // rows``;
+* ``u_first=True`` is the parametrization flavour's order (u = normalize(W v), then
+  v = normalize(Wᴴ u)); ``u_first=False`` is the hook flavour's (v first, then u);
+* u and v are updated in place, under no_grad, only when ``training``; the values used for σ
+  are clones of the updated ones, so a later call may update the buffers again before the
+  backward of an earlier one (``D(real)``, ``D(fake)``, one backward);
+* σ = u · (W v) is differentiable with respect to W (u, v are constants), as in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "weight_matrix",
+    "power_iteration",
+    "spectral_norm",
+    "spectral_norm_backward",
+]
+
+
+def weight_matrix(weight: Tensor, dim: int) -> Tensor:
+    """``weight`` as the (shape[dim], numel // shape[dim]) matrix power iteration runs on.
+
+    The same view torch builds (dim moved to the front, the rest flattened in order), which is
+    the matrix the kernels address in place as (pre, rows, post) without a copy.
+    """
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
+    return weight.reshape(weight.shape[0], -1)
+
+
+@torch.no_grad()
+def power_iteration(
+    mat: Tensor, u: Tensor, v: Tensor, u_first: bool, n_power_iterations: int, eps: float
+) -> None:
+    """``n_power_iterations`` steps of power iteration on ``mat``, updating u and v in place."""
+    for _ in range(n_power_iterations):
+        if u_first:
+            F.normalize(torch.mv(mat, v), dim=0, eps=eps, out=u)
+            F.normalize(torch.mv(mat.H, u), dim=0, eps=eps, out=v)
+        else:
+            F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps, out=v)
+            F.normalize(torch.mv(mat, v), dim=0, eps=eps, out=u)
+
+
+def spectral_norm(
+    weights: Sequence[Tensor],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    dims: Sequence[int],
+    u_first: bool,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """W/σ and σ for each layer (weights of 2 or more dims); u, v updated in place if training.
+
+    Returns ``(w_sn, sigmas)``: lists, one entry per layer, differentiable with respect to the
+    weights exactly as torch's flavours are.
+    """
+    w_sn, sigmas = [], []
+    for weight, u, v, dim in zip(weights, us, vs, dims):
+        mat = weight_matrix(weight, dim)
+        if training:
+            power_iteration(mat, u, v, u_first, n_power_iterations, eps)
+        u_c = u.clone(memory_format=torch.contiguous_format)
+        v_c = v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.vdot(u_c, torch.mv(mat, v_c))
+        w_sn.append(weight / sigma)
+        sigmas.append(sigma)
+    return w_sn, sigmas
+
+
+def spectral_norm_backward(
+    grads: Sequence[Tensor],
+    grad_sigmas: Sequence[Tensor],
+    w_sn: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    dims: Sequence[int],
+) -> list[Tensor]:
+    """∂L/∂W for each layer, from G = ∂L/∂(W/σ) and g = ∂L/∂σ (u, v the values σ used).
+
+    W/σ with σ = u·W v gives ∂L/∂W = (G − (⟨G, W/σ⟩ − g σ) u vᵀ) / σ; the rank-one term is
+    formed here for clarity (the kernels never materialize it).
+    """
+    out = []
+    for g, gs, wsn, sigma, u, v, dim in zip(grads, grad_sigmas, w_sn, sigmas, us, vs, dims):
+        acc = sigma.dtype
+        coeff = (g.to(acc) * wsn.to(acc)).sum() - gs.to(acc) * sigma
+        rank_one = torch.outer(u.to(acc), v.to(acc))
+        # Back from the (rows, cols) matrix to the weight's shape: undo weight_matrix's view.
+        moved = (wsn.shape[dim],) + tuple(s for i, s in enumerate(wsn.shape) if i != dim)
+        rank_one = rank_one.reshape(moved).movedim(0, dim)
+        out.append(((g.to(acc) - coeff * rank_one) / sigma).to(g.dtype))
+    return out
