@@ -3,11 +3,15 @@
     sn_cuda.spectral_norm(module)          # = torch.nn.utils.parametrizations.spectral_norm
     sn_cuda.legacy.spectral_norm(module)   # = torch.nn.utils.spectral_norm
     sn_cuda.patch_torch()                  # torch's two functions build sn_cuda layers
+    sn_cuda.batch(model)                   # all SN layers of a model in one fused call
+    sn_cuda.apply(model)                   # SN on every Conv/Linear/Embedding, batched
+    sn_cuda.sigmas(model)                  # {layer: sigma of the last forward}
     sn_cuda.backend()                      # "cuda" or "torch", and .reason
 """
 
 from . import legacy, ops, reference
 from ._extension import backend
+from .batch import apply, batch, sigmas
 from .parametrization import spectral_norm
 from .patch import patch_torch
 
@@ -18,6 +22,9 @@ __all__ = [
     "legacy",
     "patch_torch",
     "backend",
+    "batch",
+    "apply",
+    "sigmas",
     "ops",
     "reference",
 ]

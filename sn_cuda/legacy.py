@@ -34,6 +34,17 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     ``remove_spectral_norm`` is torch's own: it finds this hook as a ``SpectralNorm``.
     """
 
+    last_sigma: tuple[Tensor, int] | None = None
+    # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
+    _staged: Tensor | None = None
+    _batch_owner = None
+
+    def __call__(self, module: torch.nn.Module, inputs) -> None:
+        staged = self._staged
+        if staged is None:
+            staged = self.compute_weight(module, do_power_iteration=module.training)
+        setattr(module, self.name, staged)
+
     def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:
         weight = getattr(module, self.name + "_orig")
         u = getattr(module, self.name + "_u")
@@ -42,7 +53,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             [weight], [u], [v], [self.dim], False, self.n_power_iterations, self.eps,
             do_power_iteration,
         )
-        self.last_sigma = (sigmas, 0)
+        self.last_sigma = (sigmas.detach(), 0)
         return w_sn[0]
 
     @staticmethod

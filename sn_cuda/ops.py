@@ -188,11 +188,12 @@ def spectral_norm(
     n_power_iterations: int,
     eps: float,
     training: bool,
-) -> tuple[list[Tensor], list[Tensor] | Tensor]:
+) -> tuple[list[Tensor], Tensor]:
     """W/σ and σ for layers of 2 or more dims sharing one device and dtype.
 
-    The fused op when the kernels can run them, the pure-torch reference otherwise. Returns
-    ``(w_sn, sigmas)``; ``sigmas[i]`` is layer i's σ either way.
+    The fused ops when the kernels can run them, the pure-torch reference otherwise. Returns
+    ``(w_sn, sigmas)``: the list of W/σ and a 1-D tensor of the σ's, both differentiable with
+    respect to the weights.
     """
     if uses_kernels(weights[0]):
         weights, dims = list(weights), list(dims)
@@ -201,4 +202,7 @@ def spectral_norm(
                 weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training
             )
         return normalize_op(weights, sigmas, uv, dims)
-    return reference.spectral_norm(weights, us, vs, dims, u_first, n_power_iterations, eps, training)
+    w_sn, sigmas = reference.spectral_norm(
+        weights, us, vs, dims, u_first, n_power_iterations, eps, training
+    )
+    return w_sn, torch.stack(sigmas)

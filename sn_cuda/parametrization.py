@@ -32,12 +32,18 @@ class SpectralNorm(_TorchSpectralNorm):
     """torch's spectral-norm parametrization whose forward runs on sn_cuda's ops.
 
     ``last_sigma`` holds σ of the last forward as ``(tensor, index)``: read through
-    ``sn_cuda.sigmas(model)``, which costs no extra pass over the weight.
+    ``sn_cuda.sigmas(model)``, which costs no extra pass over the weight. ``_staged`` is the
+    hand-off from ``sn_cuda.batch``.
     """
 
     last_sigma: tuple[Tensor, int] | None = None
+    # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
+    _staged: Tensor | None = None
+    _batch_owner = None
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self._staged is not None:
+            return self._staged
         if weight.ndim == 1 or weight.is_complex():
             # W / ‖W‖ for 1-D weights; complex weights stay on torch's own code.
             return super().forward(weight)
@@ -45,7 +51,7 @@ class SpectralNorm(_TorchSpectralNorm):
             [weight], [self._u], [self._v], [self.dim], True,
             self.n_power_iterations, self.eps, self.training,
         )
-        self.last_sigma = (sigmas, 0)
+        self.last_sigma = (sigmas.detach(), 0)
         return w_sn[0]
 
 

@@ -1,0 +1,278 @@
+"""Every spectral-normalized layer of a model in one fused call per forward.
+
+``sn_cuda.batch(model)`` finds the spectral norms under ``model`` — torch's or sn_cuda's, of
+either flavour — and registers a forward pre-hook on ``model`` that computes all of their W/σ
+with one ``sn_cuda.ops.spectral_norm`` call per (device, dtype, flavour, settings) group, then
+hands each layer its result (a "staged" weight, read by the layer's own spectral-norm object
+instead of computing it). Nothing in the state_dict changes.
+
+How a layer takes its staged weight: torch's spectral-norm objects are switched to
+sn_cuda's subclasses of them (``__class__`` assignment, undone by ``.remove()``), which return
+the staged value while the root's forward runs. State, keys and hooks are untouched.
+
+Where this differs from torch: one power iteration step (of ``n_power_iterations``) per layer
+per forward of ``model``. torch iterates each time the layer runs (hook flavour) or each time
+the parametrized weight is read (parametrization flavour). In the common case — each layer
+runs once per forward of the model — the two are the same; a layer that runs twice in one
+forward of ``model`` iterates once here, twice in torch. A layer called outside a forward of
+``model`` computes its own weight, as without batching.
+
+Not batched (left to the per-layer path, still correct): 1-D weights, complex weights, and
+parametrization chains where spectral norm is not the first parametrization.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParamSN
+
+from . import legacy, ops, parametrization
+
+__all__ = ["batch", "apply", "sigmas", "BatchHandle", "spectral_norm_layers"]
+
+_TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
+
+
+class _Layer:
+    """One spectral-normalized tensor: where its weight, u, v live and which object computes it."""
+
+    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "torch_class")
+
+    def __init__(self, name, module, sn, param_flavour, plist=None):
+        self.name = name  # qualified name, "" for the root
+        self.module = module  # the module that owns the weight
+        self.sn = sn  # parametrization module or legacy hook
+        self.param_flavour = param_flavour
+        self.plist = plist  # ParametrizationList (parametrization flavour)
+        self.torch_class = None  # class to restore on remove(), when torch's
+
+    def tensors(self):
+        """(weight, u, v) by direct dict access: the hot path does this for every layer."""
+        if self.param_flavour:
+            return self.plist._parameters["original"], self.sn._buffers["_u"], self.sn._buffers["_v"]
+        name, m = self.sn.name, self.module
+        return m._parameters[name + "_orig"], m._buffers[name + "_u"], m._buffers[name + "_v"]
+
+
+def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
+    """Every spectral-normalized tensor under ``model`` (torch's or sn_cuda's, both flavours)."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, _TorchParamSN):
+                        yield _Layer(_join(name, tensor_name), module, p, True, plist)
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _TorchHookSN):
+                yield _Layer(_join(name, hook.name), module, hook, False)
+
+
+def _join(module_name: str, tensor_name: str) -> str:
+    # "conv1" for conv1.weight (the usual case), "conv1.other" for another tensor.
+    if tensor_name == "weight":
+        return module_name
+    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+
+
+def _batchable(layer: _Layer) -> bool:
+    weight, _, _ = layer.tensors() if _has_vectors(layer) else (None, None, None)
+    if weight is None or weight.ndim < 2 or weight.is_complex():
+        return False
+    # Spectral norm must be the first parametrization: its input is then the original tensor.
+    return not layer.param_flavour or (layer.plist.is_tensor and layer.plist[0] is layer.sn)
+
+
+def _has_vectors(layer: _Layer) -> bool:
+    return "_u" in layer.sn._buffers if layer.param_flavour else True
+
+
+class BatchHandle:
+    """Returned by ``sn_cuda.batch``. ``.remove()`` restores per-layer spectral norm."""
+
+    def __init__(self, model: nn.Module):
+        layers = [l for l in spectral_norm_layers(model) if _batchable(l)]
+        for layer in layers:
+            if getattr(layer.sn, "_batch_owner", None) is not None:
+                raise ValueError(
+                    f"batch(model): layer '{layer.name}' is already batched by another "
+                    "sn_cuda.batch handle; call .remove() on that handle first"
+                )
+        # Switch torch's objects to sn_cuda's subclasses (same state, same keys).
+        for layer in layers:
+            target = parametrization.SpectralNorm if layer.param_flavour else legacy.SpectralNorm
+            if not isinstance(layer.sn, target):
+                layer.torch_class = type(layer.sn)
+                layer.sn.__class__ = target
+            layer.sn._batch_owner = self
+        self.model = model
+        self.layers = layers
+        # Layers sharing flavour and settings can share a call (device/dtype/mode checked per forward).
+        self._static_keys = [
+            (l.param_flavour, l.sn.n_power_iterations, l.sn.eps) for l in layers
+        ]
+        self._pre = model.register_forward_pre_hook(self._stage)
+        self._post = model.register_forward_hook(self._clear, always_call=True)
+        self._depth = 0
+
+    # -- the hot path: once per forward of the root ------------------------------------------
+    def _stage(self, module, args):
+        self._depth += 1
+        if self._depth > 1:  # re-entrant forward of the root: the outer call staged already
+            return
+        groups: dict = {}
+        for layer, static in zip(self.layers, self._static_keys):
+            weight, u, v = layer.tensors()
+            training = layer.sn.training if layer.param_flavour else layer.module.training
+            key = (weight.device, weight.dtype, training) + static
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [], [], [], [])
+            group[0].append(weight)
+            group[1].append(u)
+            group[2].append(v)
+            group[3].append(layer.sn.dim)
+            group[4].append(layer)
+        for (_, _, training, param_flavour, n_iter, eps), (ws, us, vs, dims, layers) in groups.items():
+            w_sn, sig = ops.spectral_norm(ws, us, vs, dims, param_flavour, n_iter, eps, training)
+            sig = sig.detach()
+            for i, (layer, w) in enumerate(zip(layers, w_sn)):
+                layer.sn._staged = w
+                layer.sn.last_sigma = (sig, i)
+
+    def _clear(self, module, args, output):
+        self._depth -= 1
+        if self._depth == 0:
+            for layer in self.layers:
+                layer.sn._staged = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Per-layer spectral norm again; torch's layers get torch's classes back."""
+        self._pre.remove()
+        self._post.remove()
+        for layer in self.layers:
+            layer.sn._staged = None
+            layer.sn._batch_owner = None
+            if layer.torch_class is not None:
+                layer.sn.__class__ = layer.torch_class
+        self.layers = []
+        self._static_keys = []
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"BatchHandle({len(self.layers)} layers of {type(self.model).__name__})"
+
+
+def batch(model: nn.Module) -> BatchHandle:
+    """Compute every spectral-normalized layer under ``model`` in one fused call per forward.
+
+    Works on layers made by torch's ``spectral_norm`` functions (either flavour) and by
+    sn_cuda's; the state_dict is unchanged. Returns a handle whose ``.remove()`` restores the
+    per-layer behaviour. Iteration count: one power iteration step per layer per forward of
+    ``model`` — equal to torch when each layer runs once per forward (see the module docs for
+    the difference when a layer runs twice in one forward).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"batch(model): expected an nn.Module, got {type(model).__name__}")
+    return BatchHandle(model)
+
+
+# Module types whose weight sn_cuda.apply normalizes by default.
+DEFAULT_TYPES = (
+    nn.Linear, nn.Embedding,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+
+
+def _as_filter(spec, argname: str):
+    """include/exclude: None, a module type, a name pattern (fnmatch), or an iterable of those."""
+    if spec is None:
+        return None
+    items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise TypeError(
+                f"apply(): {argname} must hold module types or name patterns (str), "
+                f"got {type(item).__name__}"
+            )
+    types = tuple(i for i in items if isinstance(i, type))
+    patterns = [i for i in items if isinstance(i, str)]
+
+    def matches(name: str, module: nn.Module) -> bool:
+        return isinstance(module, types) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    return matches
+
+
+def apply(
+    model: nn.Module,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    include=None,
+    exclude=None,
+) -> BatchHandle:
+    """Spectral norm (parametrization flavour) on every Conv*/ConvTranspose*/Linear/Embedding
+    weight under ``model``, then ``batch(model)``; returns the batch handle.
+
+    ``include`` replaces the default set of module types; ``exclude`` removes modules; each is
+    a module type, an fnmatch pattern on the qualified module name (``"head.*"``), or a list
+    of those. Modules whose weight is already spectral-normalized are left as they are. All
+    arguments and modules are checked before any module is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply(model): expected an nn.Module, got {type(model).__name__}")
+    included = _as_filter(include, "include") or _as_filter(DEFAULT_TYPES, "include")
+    excluded = _as_filter(exclude, "exclude")
+    already = {id(l.module) for l in spectral_norm_layers(model)}
+    chosen = []
+    for name, module in model.named_modules():
+        if id(module) in already or not included(name, module):
+            continue
+        if excluded is not None and excluded(name, module):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"apply(): module '{name}' has an uninitialized weight (a lazy module); run a "
+                "forward pass first"
+            )
+        chosen.append(module)
+    # Registration checks everything torch checks; on a failure, undo what was done.
+    done = []
+    try:
+        for module in chosen:
+            parametrization.spectral_norm(module, "weight", n_power_iterations, eps)
+            done.append(module)
+        return batch(model)
+    except BaseException:
+        for module in done:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        raise
+
+
+def sigmas(model: nn.Module) -> dict[str, float]:
+    """{qualified layer name: σ used by its last forward}, for every spectral-normalized layer
+    under ``model`` computed by sn_cuda (per layer or batched). Costs no pass over a weight:
+    the values come from the last forward (layers not run yet are left out)."""
+    out, cache = {}, {}
+    for layer in spectral_norm_layers(model):
+        last = getattr(layer.sn, "last_sigma", None)
+        if last is None:
+            continue
+        tensor, i = last
+        values = cache.get(id(tensor))
+        if values is None:  # one device-to-host copy per fused call, not per layer
+            values = cache[id(tensor)] = tensor.double().tolist()
+        out[layer.name] = values[i]
+    return out
