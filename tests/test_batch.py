@@ -1,0 +1,336 @@
+"""sn_cuda.batch / apply / sigmas: whole models, one fused call per forward, torch's numbers.
+
+The batched path must equal torch's per-layer spectral norm (either flavour) on whole models
+over optimizer steps in train and eval, leave the state_dict as it was, and come off cleanly.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sn_cuda
+from sn_cuda import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class Block(nn.Module):
+    """A small SNGAN-style residual block: two 3x3 convs, a 1x1 shortcut, average pooling."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.sc = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.c1(torch.relu(x))))
+        return nn.functional.avg_pool2d(h + self.sc(x), 2)
+
+
+class Disc(nn.Module):
+    """Conv, transposed conv, embedding projection and a linear head: every SN layer kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = Block(3, 8)
+        self.b2 = Block(8, 8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Linear(4, 1)
+        self.embed = nn.Embedding(5, 4)
+
+    def forward(self, x, y):
+        h = self.up(self.b2(self.b1(x))).sum(dim=(2, 3))
+        return self.head(h).squeeze(1) + (self.embed(y) * h).sum(1)
+
+
+def sn_layers(model, flavour):
+    """Apply torch's spectral norm to every weight; 'mixed' alternates the two flavours."""
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))]
+    for i, m in enumerate(mods):
+        if flavour == "param" or (flavour == "mixed" and i % 2 == 0):
+            torch.nn.utils.parametrizations.spectral_norm(m)
+        else:
+            torch.nn.utils.spectral_norm(m)
+    return model
+
+
+def twin_models(flavour, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    base = Disc().to(device, dtype)
+    torch.manual_seed(1)
+    a = sn_layers(copy.deepcopy(base), flavour)
+    torch.manual_seed(1)
+    b = sn_layers(copy.deepcopy(base), flavour)
+    return a, b
+
+
+def assert_same_state(a, b, atol=0.0):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
+
+
+def gan_step(model, opt, device, dtype):
+    """The GAN pattern: D(real) and D(fake), one backward, one optimizer step."""
+    real = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
+    fake = torch.randn(4, 3, 8, 8, device=device, dtype=dtype)
+    y = torch.randint(0, 5, (4,), device=device)
+    loss = torch.relu(1 - model(real, y)).mean() + torch.relu(1 + model(fake, y)).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flavour", ["param", "legacy", "mixed"])
+def test_batched_model_matches_torch_over_training(flavour, device):
+    a, b = twin_models(flavour, device)
+    handle = sn_cuda.batch(b)
+    assert len(handle) == 9
+    oa = torch.optim.Adam(a.parameters(), lr=1e-2)
+    ob = torch.optim.Adam(b.parameters(), lr=1e-2)
+    exact = device == "cpu"  # the reference path runs torch's exact op sequence
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        la = gan_step(a, oa, device, torch.float32)
+        torch.manual_seed(100 + step)
+        lb = gan_step(b, ob, device, torch.float32)
+        torch.testing.assert_close(la, lb, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5)
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(pa.grad, pb.grad, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-4)
+        assert_same_state(a, b, atol=0 if exact else 1e-5)
+        # eval: no iteration, the stored vectors; outputs equal, buffers unchanged
+        a.eval(), b.eval()
+        x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 3], device=device)
+        before = copy.deepcopy(b.state_dict())
+        torch.testing.assert_close(a(x, y), b(x, y), atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5)
+        assert_same_state(b, _Holder(before))
+        a.train(), b.train()
+
+
+class _Holder(nn.Module):
+    def __init__(self, sd):
+        super().__init__()
+        self._sd = sd
+
+    def state_dict(self, *args, **kwargs):
+        return self._sd
+
+
+def test_one_fused_call_per_group_per_forward(monkeypatch):
+    _, b = twin_models("mixed")
+    sn_cuda.batch(b)
+    calls = []
+    real = ops.spectral_norm
+
+    def counting(weights, *args, **kwargs):
+        calls.append(len(weights))
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "spectral_norm", counting)
+    b(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    # Two groups: the parametrization flavour (u first) and the hook flavour (v first).
+    assert sorted(calls) == [4, 5]
+
+
+def test_state_dict_keys_and_checkpoints_unchanged_by_batching():
+    a, b = twin_models("mixed")
+    keys = list(b.state_dict())
+    handle = sn_cuda.batch(b)
+    assert list(b.state_dict()) == keys
+    b(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    b.load_state_dict(a.state_dict())  # a torch checkpoint loads into the batched model
+    assert_same_state(a, b)
+    handle.remove()
+    a.load_state_dict(b.state_dict())  # and back
+    assert_same_state(a, b)
+
+
+def test_remove_restores_torch_classes_and_per_layer_behaviour():
+    a, b = twin_models("mixed")
+    classes = [type(p) for m in b.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.weight]
+    hooks = [type(h) for m in b.modules() for h in m._forward_pre_hooks.values()]
+    handle = sn_cuda.batch(b)
+    b(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    a(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))  # keep the two in step (same RNG use aside)
+    handle.remove()
+    assert classes == [type(p) for m in b.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.weight]
+    assert hooks == [type(h) for m in b.modules() for h in m._forward_pre_hooks.values()]
+    assert not b._forward_pre_hooks and not b._forward_hooks
+    # per-layer again, still torch's numbers
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 4])
+    torch.testing.assert_close(a(x, y), b(x, y), atol=1e-6, rtol=1e-6)
+    sn_cuda.batch(b).remove()  # can be batched again after removal
+
+
+def test_batching_twice_is_an_error_and_changes_nothing():
+    _, b = twin_models("param")
+    sn_cuda.batch(b)
+    with pytest.raises(ValueError, match="already batched"):
+        sn_cuda.batch(b.b1)
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        sn_cuda.batch("not a module")
+
+
+def test_layer_called_twice_iterates_once_per_root_forward():
+    """The documented difference: torch iterates on every call of the layer, batch() once per
+    forward of the root. With one call per layer per forward the two are identical."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.utils.spectral_norm(nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    torch.manual_seed(0)
+    a = Twice()
+    b = copy.deepcopy(a)
+    sn_cuda.batch(b)
+    x = torch.randn(3, 4)
+    a(x), b(x)
+    u0 = b.lin.weight_u.clone()
+    # the batched model's u equals one iteration of torch's per-layer hook from the same start
+    torch.manual_seed(0)
+    c = Twice()
+    c.lin(x)
+    torch.testing.assert_close(u0, c.lin.weight_u, atol=0, rtol=0)
+    assert not torch.equal(a.lin.weight_u, b.lin.weight_u)  # torch ran two iterations
+
+
+def test_mixed_dtypes_are_grouped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3).double())
+    torch.nn.utils.parametrizations.spectral_norm(model[0])
+    torch.nn.utils.parametrizations.spectral_norm(model[1])
+    ref = copy.deepcopy(model)
+    sn_cuda.batch(model)
+
+    class Cast(nn.Module):
+        def __init__(self, seq):
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x):
+            return self.seq[1](self.seq[0](x).double())
+
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(Cast(model)(x), Cast(ref)(x), atol=0, rtol=0)
+    assert model[1].parametrizations.weight.original.dtype == torch.float64
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_are_grouped():
+    torch.manual_seed(0)
+    model = nn.ModuleList([nn.Linear(5, 6), nn.Linear(6, 3).cuda()])
+    for m in model:
+        torch.nn.utils.spectral_norm(m)
+    ref = copy.deepcopy(model)
+
+    class TwoDevices(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x).cuda())
+
+    b = TwoDevices(model)
+    sn_cuda.batch(b)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(b(x), TwoDevices(ref)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sigmas_are_those_of_the_last_forward():
+    _, b = twin_models("mixed")
+    sn_cuda.batch(b)
+    assert sn_cuda.sigmas(b) == {}  # nothing has run yet
+    b(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    got = sn_cuda.sigmas(b)
+    assert set(got) == {"b1.c1", "b1.c2", "b1.sc", "b2.c1", "b2.c2", "b2.sc", "up", "head", "embed"}
+    for name, module in b.named_modules():
+        if name not in got:
+            continue
+        # σ = u·W v from the stored (post-update) vectors and the weight
+        if parametrize.is_parametrized(module):
+            p = module.parametrizations.weight
+            w, u, v, dim = p.original, p[0]._u, p[0]._v, p[0].dim
+        else:
+            w, u, v = module.weight_orig, module.weight_u, module.weight_v
+            dim = next(iter(module._forward_pre_hooks.values())).dim
+        expected = torch.dot(u, sn_cuda.reference.weight_matrix(w, dim) @ v).item()
+        assert got[name] == pytest.approx(expected, rel=1e-6)
+
+
+def test_apply_normalizes_selected_layers_and_batches_them():
+    torch.manual_seed(0)
+    model = Disc()
+    handle = sn_cuda.apply(model, exclude=["b2.*", nn.Embedding])
+    normalized = {n for n, m in model.named_modules() if parametrize.is_parametrized(m)}
+    assert normalized == {"b1.c1", "b1.c2", "b1.sc", "up", "head"}
+    assert len(handle) == 5
+    assert model.up.parametrizations.weight[0].dim == 1  # ConvTranspose: dim 1, as torch
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    assert set(sn_cuda.sigmas(model)) == normalized
+
+    torch.manual_seed(0)
+    only = Disc()
+    sn_cuda.apply(only, include=nn.Linear, n_power_iterations=3, eps=1e-6)
+    p = only.head.parametrizations.weight[0]
+    assert (p.n_power_iterations, p.eps) == (3, 1e-6)
+    assert [n for n, m in only.named_modules() if parametrize.is_parametrized(m)] == ["head"]
+
+
+def test_apply_leaves_existing_spectral_norms_alone():
+    torch.manual_seed(0)
+    model = Disc()
+    torch.nn.utils.spectral_norm(model.head)
+    sn_cuda.apply(model)
+    assert not parametrize.is_parametrized(model.head)  # keeps its legacy hook
+    assert parametrize.is_parametrized(model.b1.c1)
+
+
+def test_apply_bad_arguments_change_nothing():
+    torch.manual_seed(0)
+    model = Disc()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="include"):
+        sn_cuda.apply(model, include=[3])
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        sn_cuda.apply(model, n_power_iterations=0)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert list(model.state_dict()) == list(before)
+
+    lazy = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="uninitialized"):
+        sn_cuda.apply(lazy)
+    assert not parametrize.is_parametrized(lazy[0])
+
+
+def test_one_dimensional_weights_stay_per_layer():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.vec = nn.Parameter(torch.randn(7))
+    sn_cuda.spectral_norm(model, "vec")
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self):
+            return self.m.vec
+
+    root = Root()
+    handle = sn_cuda.batch(root)
+    assert len(handle) == 0
+    torch.testing.assert_close(root(), nn.functional.normalize(model.parametrizations.vec.original, dim=0))
