@@ -14,6 +14,8 @@ from ._extension import backend
 from .batch import apply, batch, sigmas
 from .parametrization import spectral_norm
 from .patch import patch_torch
+from .penalty import SpectralPenalty
+from .conv_norm import conv_spectral_norm
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "batch",
     "apply",
     "sigmas",
+    "SpectralPenalty",
+    "conv_spectral_norm",
     "ops",
     "reference",
 ]
