@@ -23,26 +23,37 @@ _REPLACEMENTS = {
 }
 
 
+# Torch's own functions, saved by the first patch, and the patches now in force. Handles may
+# be undone in any order (not only nested): the last one undone puts torch's functions back.
+_originals: dict[tuple[str, str], object] = {}
+_active: list["TorchPatch"] = []
+
+
 class TorchPatch:
-    """Handle of ``patch_torch()``: ``.undo()`` puts back exactly what it replaced; also a
-    context manager (``with sn_cuda.patch_torch(): ...``)."""
+    """Handle of ``patch_torch()``: ``.undo()`` ends this patch, and once no patch is left
+    torch's exact function objects are back; also a context manager
+    (``with sn_cuda.patch_torch(): ...``)."""
 
     def __init__(self) -> None:
-        self._saved = []
+        if not _active:
+            for module_name, attr in _REPLACEMENTS:
+                _originals[module_name, attr] = getattr(importlib.import_module(module_name), attr)
         for (module_name, attr), replacement in _REPLACEMENTS.items():
-            module = importlib.import_module(module_name)
-            self._saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, replacement)
+            setattr(importlib.import_module(module_name), attr, replacement)
+        _active.append(self)
 
     @property
     def active(self) -> bool:
-        return bool(self._saved)
+        return any(patch is self for patch in _active)
 
     def undo(self) -> None:
-        # Reverse order, so that nested patches unwind to torch's originals.
-        for module, attr, original in reversed(self._saved):
-            setattr(module, attr, original)
-        self._saved = []
+        if not self.active:
+            return
+        _active[:] = [patch for patch in _active if patch is not self]
+        if not _active:
+            for (module_name, attr), original in _originals.items():
+                setattr(importlib.import_module(module_name), attr, original)
+            _originals.clear()
 
     def __enter__(self) -> "TorchPatch":
         return self
