@@ -3,6 +3,8 @@
 The extension only registers CUDA implementations of the ops that ``sn_cuda.ops`` defines;
 when it is missing, fails to load, or was built against another torch, everything runs on
 the pure-torch reference path and ``sn_cuda.backend()`` says why (one warning, at import).
+A build that is merely absent warns only where it costs something: with a CUDA build of torch
+(a CPU-only torch has no CUDA tensors to lose speed on); ``SN_CUDA_DISABLE=1`` never warns.
 """
 
 from __future__ import annotations
@@ -38,17 +40,33 @@ def _load() -> tuple[bool, str]:
     try:
         importlib.import_module("sn_cuda._C")
     except ImportError as e:
-        if "No module named" in str(e) and "sn_cuda._C" in str(e):
+        if isinstance(e, ModuleNotFoundError) and e.name == "sn_cuda._C":
             return False, "the compiled extension is not installed (pure-Python install)"
+        if any(s in str(e) for s in _ABI_MISMATCH):
+            return False, (
+                f"the compiled extension was built for another torch (this is torch "
+                f"{torch.__version__}): {e}; reinstall sn_cuda to rebuild it"
+            )
         return False, f"the compiled extension failed to load ({e}); built for another torch?"
-    except OSError as e:  # missing shared libraries
-        return False, f"the compiled extension failed to load ({e})"
+    except Exception as e:  # OSError: a missing shared library; errors while registering ops
+        return False, f"the compiled extension failed to load ({type(e).__name__}: {e})"
     return True, "compiled extension loaded"
 
 
+# How the loader reports a C++ symbol that this torch does not export (Linux, macOS, Windows).
+_ABI_MISMATCH = ("undefined symbol", "Symbol not found", "specified procedure could not be found")
+
 LOADED, LOAD_REASON = _load()
-if not LOADED and "not installed" not in LOAD_REASON and _DISABLE_ENV not in LOAD_REASON:
-    warnings.warn(f"sn_cuda: using the pure-torch path: {LOAD_REASON}", RuntimeWarning, stacklevel=2)
+_MISSING = "not installed" in LOAD_REASON
+if not LOADED and _DISABLE_ENV not in LOAD_REASON and (
+    not _MISSING or torch.version.cuda is not None or torch.version.hip is not None
+):
+    warnings.warn(
+        f"sn_cuda: CUDA tensors take the pure-torch path: {LOAD_REASON} "
+        f"(set {_DISABLE_ENV}=1 to silence this)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def backend() -> Backend:

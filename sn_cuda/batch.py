@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import numbers
 from typing import Iterable, Iterator
 
 import torch
@@ -161,6 +162,8 @@ class BatchHandle:
             layer.sn._batch_owner = None
             if layer.torch_class is not None:
                 layer.sn.__class__ = layer.torch_class
+                # legacy.SpectralNorm's weak reference: torch's class would try to pickle it.
+                layer.sn.__dict__.pop("_set_weight", None)
         self.layers = []
         self._static_keys = []
 
@@ -230,6 +233,13 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply(model): expected an nn.Module, got {type(model).__name__}")
+    # torch's registration would reject these only deep inside (range(), clamp_min()).
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral):
+        raise TypeError(
+            f"apply(): n_power_iterations must be an int, got {type(n_power_iterations).__name__}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"apply(): eps must be a float, got {type(eps).__name__}")
     included = _as_filter(include, "include") or _as_filter(DEFAULT_TYPES, "include")
     excluded = _as_filter(exclude, "exclude")
     already = {id(l.module) for l in spectral_norm_layers(model)}

@@ -9,7 +9,9 @@ and the errors are torch's. Only ``compute_weight`` changes: it calls
 
 from __future__ import annotations
 
+import copy
 import importlib
+import weakref
 
 import torch
 from torch import Tensor
@@ -38,12 +40,39 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
     _staged: Tensor | None = None
     _batch_owner = None
+    # A weak reference to the W/σ this hook last set as ``module.<name>``, for __deepcopy__.
+    _set_weight: weakref.ref | None = None
 
     def __call__(self, module: torch.nn.Module, inputs) -> None:
         staged = self._staged
         if staged is None:
             staged = self.compute_weight(module, do_power_iteration=module.training)
         setattr(module, self.name, staged)
+        self._set_weight = weakref.ref(staged)
+
+    def __deepcopy__(self, memo):
+        # After a forward with grad enabled, ``module.weight`` is W/σ, a non-leaf, and
+        # copy.deepcopy(module) fails on it with torch's hook (Tensor.__deepcopy__ takes leaves
+        # only). A module's __dict__ is copied in order and its hooks come before that
+        # attribute (set after the hook was registered), so the memo is seeded here: the
+        # copy's ``weight`` is a detached clone, what a forward under no_grad leaves. The
+        # original module is not touched.
+        weight = self._set_weight() if self._set_weight is not None else None
+        if weight is not None and not weight.is_leaf and id(weight) not in memo:
+            memo[id(weight)] = weight.detach().clone()
+            memo.setdefault(id(memo), []).append(weight)  # alive (its id unique) meanwhile
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            if key != "_set_weight":  # a weakref to the original's tensor: not carried over
+                setattr(copied, key, copy.deepcopy(value, memo))
+        return copied
+
+    def __getstate__(self):
+        # Pickling: the weak reference is not picklable, and means nothing in another process.
+        state = self.__dict__.copy()
+        state.pop("_set_weight", None)
+        return state
 
     def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:
         weight = getattr(module, self.name + "_orig")

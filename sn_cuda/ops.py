@@ -33,6 +33,7 @@ when the kernels can run the weights, the reference (plain torch autograd) other
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -84,14 +85,17 @@ def power_iteration_op(
     if not weights:
         raise ValueError("sn_cuda::power_iteration: weights must hold at least one tensor")
     acc = _acc_dtype(weights[0].dtype)
-    sigmas = []
-    for weight, u, v, dim in zip(weights, us, vs, dims):
-        mat = reference.weight_matrix(weight, dim)
-        if training:
-            reference.power_iteration(mat, u, v, u_first, n_power_iterations, eps)
-        sigmas.append(torch.vdot(u, torch.mv(mat, v)).to(acc))
-    uv = torch.cat([t.reshape(-1).to(acc) for pair in zip(us, vs) for t in pair])
-    return torch.stack(sigmas), uv
+    sigmas, snapshot = [], []
+    with reference.no_autocast(weights[0].device):
+        for weight, u, v, dim in zip(weights, us, vs, dims):
+            mat = reference.weight_matrix(weight, dim)
+            if training:
+                # For float16/bfloat16 these are the float32 vectors (the buffers get them rounded).
+                u, v = reference.power_iteration(mat, u, v, u_first, n_power_iterations, eps)
+            u, v = u.to(acc), v.to(acc)
+            sigmas.append(torch.vdot(u, torch.mv(mat.to(acc), v)))
+            snapshot += [u.reshape(-1), v.reshape(-1)]
+    return torch.stack(sigmas), torch.cat(snapshot)
 
 
 @power_iteration_op.register_fake
@@ -107,7 +111,8 @@ def _(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
 def normalize_op(
     weights: list[Tensor], sigmas: Tensor, uv: Tensor, dims: list[int]
 ) -> tuple[list[Tensor], Tensor]:
-    w_sn = [w / s.to(w.dtype) for w, s in zip(weights, sigmas.unbind(0))]
+    # In the accumulation dtype, rounded once (a no-op cast for float32/float64 weights).
+    w_sn = [(w.to(s.dtype) / s).to(w.dtype) for w, s in zip(weights, sigmas.unbind(0))]
     return w_sn, sigmas.clone()
 
 
@@ -195,8 +200,17 @@ def spectral_norm(
     ``(w_sn, sigmas)``: the list of W/σ and a 1-D tensor of the σ's, both differentiable with
     respect to the weights.
     """
-    if uses_kernels(weights[0]):
+    # Under torch.compile the ops are taken on every device (their default implementation is
+    # the reference): traced inline, the reference's in-place update of u, v lets inductor's
+    # partitioner recompute σ's vectors in the backward from the already-updated buffers
+    # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
+    # same problem, torch 2.14). The op keeps the update opaque to it.
+    if uses_kernels(weights[0]) or (
+        torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
+    ):
         weights, dims = list(weights), list(dims)
+        # range() in the reference raises this TypeError for a float; the schema's would differ.
+        n_power_iterations = int(operator.index(n_power_iterations))
         with torch.no_grad():
             sigmas, uv = power_iteration_op(
                 weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training

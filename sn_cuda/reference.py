@@ -14,11 +14,17 @@ Conventions shared with the compiled op (``sn_cuda.ops``):
 * u and v are updated in place, under no_grad, only when ``training``; the values used for σ
   are clones of the updated ones, so a later call may update the buffers again before the
   backward of an earlier one (``D(real)``, ``D(fake)``, one backward);
-* σ = u · (W v) is differentiable with respect to W (u, v are constants), as in torch.
+* σ = u · (W v) is differentiable with respect to W (u, v are constants), as in torch;
+* float16/bfloat16 weights: power iteration, σ and W/σ run in float32 and W/σ is rounded once;
+  u and v keep the weight's dtype (checkpoints stay interchangeable). torch runs these in
+  half precision, where ``F.normalize`` can underflow to NaN (pytorch#61954);
+* autocast does not reach these computations (``torch.mv`` is on its lower-precision list).
+  float32/float64 keep torch's exact op sequence, so CPU parity with torch stays bit-exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -28,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "weight_matrix",
     "power_iteration",
+    "no_autocast",
     "spectral_norm",
     "spectral_norm_backward",
 ]
@@ -44,11 +51,39 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+# Weights whose arithmetic runs in float32 (their u, v buffers keep the weight's dtype).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def no_autocast(device: torch.device):
+    """A context that turns autocast off on ``device`` (a no-op when it is not on).
+
+    ``torch.mv`` is on CUDA autocast's lower-precision list: under ``torch.autocast`` torch's
+    own flavours run power iteration in float16. sn_cuda's arithmetic is the same inside and
+    outside autocast (the kernels ignore it too); only what the model does with W/σ is cast.
+    """
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def power_iteration(
     mat: Tensor, u: Tensor, v: Tensor, u_first: bool, n_power_iterations: int, eps: float
-) -> None:
-    """``n_power_iterations`` steps of power iteration on ``mat``, updating u and v in place."""
+) -> tuple[Tensor, Tensor]:
+    """``n_power_iterations`` steps of power iteration on ``mat``, updating u and v in place.
+
+    Returns u and v in the accumulation dtype: the buffers themselves for float32/float64;
+    for float16/bfloat16 the steps run in float32 on copies (torch's float16
+    ``F.normalize`` underflows to NaN, pytorch#61954), the buffers receive the rounded
+    vectors and the float32 ones are returned, for σ.
+    """
+    if mat.dtype in _LOW_PRECISION:
+        u_acc, v_acc = u.float(), v.float()
+        power_iteration(mat.float(), u_acc, v_acc, u_first, n_power_iterations, eps)
+        u.copy_(u_acc)
+        v.copy_(v_acc)
+        return u_acc, v_acc
     for _ in range(n_power_iterations):
         if u_first:
             F.normalize(torch.mv(mat, v), dim=0, eps=eps, out=u)
@@ -56,6 +91,7 @@ def power_iteration(
         else:
             F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps, out=v)
             F.normalize(torch.mv(mat, v), dim=0, eps=eps, out=u)
+    return u, v
 
 
 def spectral_norm(
@@ -75,13 +111,21 @@ def spectral_norm(
     """
     w_sn, sigmas = [], []
     for weight, u, v, dim in zip(weights, us, vs, dims):
-        mat = weight_matrix(weight, dim)
-        if training:
-            power_iteration(mat, u, v, u_first, n_power_iterations, eps)
-        u_c = u.clone(memory_format=torch.contiguous_format)
-        v_c = v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.vdot(u_c, torch.mv(mat, v_c))
-        w_sn.append(weight / sigma)
+        with no_autocast(weight.device):
+            mat = weight_matrix(weight, dim)
+            if training:
+                u, v = power_iteration(mat, u, v, u_first, n_power_iterations, eps)
+            if weight.dtype in _LOW_PRECISION:
+                # σ and W/σ in float32 (differentiable through the upcast), W/σ rounded once.
+                mat = mat.float()
+                u, v = u.float(), v.float()
+            u_c = u.clone(memory_format=torch.contiguous_format)
+            v_c = v.clone(memory_format=torch.contiguous_format)
+            sigma = torch.vdot(u_c, torch.mv(mat, v_c))
+            if weight.dtype in _LOW_PRECISION:
+                w_sn.append((weight.float() / sigma).to(weight.dtype))
+            else:
+                w_sn.append(weight / sigma)
         sigmas.append(sigma)
     return w_sn, sigmas
 

@@ -1,0 +1,114 @@
+"""DistributedDataParallel: two processes, gloo on localhost (CPU), each flavour and batch().
+
+Each rank trains a copy of the same spectral-normalized model on its half of every global
+batch, for a few optimizer steps. Checked after every step:
+
+* u and v are bit-identical on both ranks (DDP broadcasts rank 0's buffers before each
+  forward, and both ranks iterate on identical weights);
+* the gradients DDP leaves (averaged over the ranks) equal, to float tolerance, those of a
+  single process on the concatenated batch, and the buffers follow the single process too.
+
+One spawn runs every configuration, to keep the two interpreters' start-up (torch imports)
+paid once.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sn_cuda
+import sn_cuda.legacy
+
+WORLD = 2
+STEPS = 3
+PER_RANK = 3
+# torch_flavours_batched: torch's two flavours (mixed) taken over by sn_cuda.batch.
+CONFIGS = ["legacy", "param", "param_batched", "torch_flavours_batched"]
+
+
+def build(config: str) -> nn.Module:
+    """The same model in every process (seeded): convs, a transposed conv, a linear head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.LeakyReLU(0.2), nn.ConvTranspose2d(6, 4, 2, stride=2),
+        nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 1),
+    )
+    torch.manual_seed(1)
+    layers = [model[i] for i in (0, 2, 4, 6)]
+    for i, layer in enumerate(layers):
+        if config.startswith("legacy"):
+            sn_cuda.legacy.spectral_norm(layer)
+        elif config.startswith("param"):
+            sn_cuda.spectral_norm(layer)
+        elif i % 2:  # torch's own flavours, mixed, taken over by batch()
+            torch.nn.utils.spectral_norm(layer)
+        else:
+            torch.nn.utils.parametrizations.spectral_norm(layer)
+    if config.endswith("batched"):
+        sn_cuda.batch(model)
+    return model
+
+
+def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    return nn.functional.softplus(-out).mean()  # the GAN discriminator's loss on real data
+
+
+def train(model, batches, wrap=None):
+    """STEPS optimizer steps; per step the gradients (before the step) and the buffers."""
+    net = wrap(model) if wrap else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    record = []
+    for x in batches:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x)).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        opt.step()
+        record.append((grads, {k: b.clone() for k, b in model.named_buffers()}))
+    return record
+
+
+def _worker(rank, init_file, out_dir, data):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for config in CONFIGS:
+            mine = [x[rank * PER_RANK : (rank + 1) * PER_RANK] for x in data]
+            results[config] = train(build(config), mine, wrap=DDP)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    torch.manual_seed(2)
+    data = [torch.randn(WORLD * PER_RANK, 3, 6, 6) for _ in range(STEPS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_worker, args=(init_file, tmp, data), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    return data, ranks
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_ddp_matches_one_process_on_the_whole_batch(config, ddp_results):
+    data, ranks = ddp_results
+    single = train(build(config), data)
+    for step in range(STEPS):
+        (g0, b0), (g1, b1) = ranks[0][config][step], ranks[1][config][step]
+        g_ref, b_ref = single[step]
+        assert list(b0) == list(b_ref) and len(b0) == 8  # u and v of the four layers
+        for key in b0:
+            assert torch.equal(b0[key], b1[key]), f"{key} differs across ranks at step {step}"
+            torch.testing.assert_close(b0[key], b_ref[key], rtol=1e-5, atol=1e-6, msg=f"{key}, step {step}")
+        assert list(g0) == list(g_ref)
+        for key in g0:
+            assert torch.equal(g0[key], g1[key]), f"grad of {key} differs across ranks"
+            torch.testing.assert_close(g0[key], g_ref[key], rtol=1e-4, atol=1e-6, msg=f"grad of {key}, step {step}")
