@@ -26,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import numbers
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -196,15 +196,17 @@ DEFAULT_TYPES = (
 )
 
 
-def _as_filter(spec, argname: str):
-    """include/exclude: None, a module type, a name pattern (fnmatch), or an iterable of those."""
+def module_filter(spec, argname: str, caller: str):
+    """include/exclude of ``apply`` and ``SpectralPenalty``: None, a module type, an fnmatch
+    pattern on the qualified module name, or an iterable of those -> a predicate (or None).
+    ``caller`` and ``argname`` name the argument in the error for anything else."""
     if spec is None:
         return None
     items = [spec] if isinstance(spec, (str, type)) else list(spec)
     for item in items:
         if not isinstance(item, (str, type)):
             raise TypeError(
-                f"apply(): {argname} must hold module types or name patterns (str), "
+                f"{caller}: {argname} must hold module types or name patterns (str), "
                 f"got {type(item).__name__}"
             )
     types = tuple(i for i in items if isinstance(i, type))
@@ -240,8 +242,8 @@ def apply(
         )
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"apply(): eps must be a float, got {type(eps).__name__}")
-    included = _as_filter(include, "include") or _as_filter(DEFAULT_TYPES, "include")
-    excluded = _as_filter(exclude, "exclude")
+    included = module_filter(DEFAULT_TYPES if include is None else include, "include", "apply()")
+    excluded = module_filter(exclude, "exclude", "apply()")
     already = {id(l.module) for l in spectral_norm_layers(model)}
     chosen = []
     for name, module in model.named_modules():

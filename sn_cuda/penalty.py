@@ -20,8 +20,7 @@ weight under any other parametrization contributes σ of the parametrized value.
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Callable, Iterable, NamedTuple, Union
+from typing import Iterable, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
 from . import ops, reference
-from .batch import DEFAULT_TYPES
+from .batch import DEFAULT_TYPES, module_filter
 from .conv_norm import ConvSpectralNorm
 from .legacy import _torch_sn
 from .parametrization import default_dim
@@ -37,27 +36,6 @@ from .parametrization import default_dim
 __all__ = ["SpectralPenalty"]
 
 Selector = Union[str, type, Iterable[Union[str, type]], None]
-
-
-def _as_filter(spec: Selector, argname: str) -> Callable[[str, nn.Module], bool] | None:
-    """include/exclude, with ``sn_cuda.apply``'s meaning: None, a module type, an fnmatch
-    pattern on the qualified module name, or an iterable of those."""
-    if spec is None:
-        return None
-    items = [spec] if isinstance(spec, (str, type)) else list(spec)
-    for item in items:
-        if not isinstance(item, (str, type)):
-            raise TypeError(
-                f"SpectralPenalty: {argname} must hold module types or name patterns (str), "
-                f"got {type(item).__name__}"
-            )
-    types = tuple(i for i in items if isinstance(i, type))
-    patterns = [i for i in items if isinstance(i, str)]
-
-    def matches(name: str, module: nn.Module) -> bool:
-        return isinstance(module, types) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    return matches
 
 
 def _weight_source(module: nn.Module) -> str:
@@ -130,8 +108,8 @@ class SpectralPenalty(nn.Module):
                 "Expected n_power_iterations to be positive, but "
                 f"got n_power_iterations={n_power_iterations}"
             )
-        included = _as_filter(include, "include") or _as_filter(DEFAULT_TYPES, "include")
-        excluded = _as_filter(exclude, "exclude")
+        included = module_filter(DEFAULT_TYPES if include is None else include, "include", "SpectralPenalty")
+        excluded = module_filter(exclude, "exclude", "SpectralPenalty")
         # Kept out of nn.Module.__setattr__: as a child, the model's parameters would join
         # the penalty's state_dict, parameters() and .to().
         self.__dict__["_model"] = model
