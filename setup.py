@@ -61,13 +61,15 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     debug = os.environ.get("SN_CUDA_DEBUG", "0") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # No -std flag: torch's cpp_extension adds the C++ standard that its own headers need
+    # (C++20 for recent torch, whose headers no longer compile as C++17).
     ext = cpp_extension.CUDAExtension(
         name="sn_cuda._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"] + (["-g"] if debug else []),
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"]),
+            "cxx": ["-O3"] + (["-g"] if debug else []),
+            "nvcc": ["-O3", "--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"]),
         },
         py_limited_api=False,
     )

@@ -112,7 +112,10 @@ def normalize_op(
     weights: list[Tensor], sigmas: Tensor, uv: Tensor, dims: list[int]
 ) -> tuple[list[Tensor], Tensor]:
     # In the accumulation dtype, rounded once (a no-op cast for float32/float64 weights).
-    w_sn = [(w.to(s.dtype) / s).to(w.dtype) for w, s in zip(weights, sigmas.unbind(0))]
+    # Contiguous outputs whatever the weights' strides, like the kernels (and the fake kernel).
+    w_sn = [
+        (w.to(s.dtype) / s).to(w.dtype).contiguous() for w, s in zip(weights, sigmas.unbind(0))
+    ]
     return w_sn, sigmas.clone()
 
 

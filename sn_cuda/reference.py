@@ -48,7 +48,7 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     """
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
-    return weight.reshape(weight.shape[0], -1)
+    return weight.flatten(1)  # not reshape(rows, -1): that fails when rows == 0
 
 
 # Weights whose arithmetic runs in float32 (their u, v buffers keep the weight's dtype).

@@ -1,0 +1,78 @@
+// The per-call layer tables the fused kernels read: one entry per layer, built on the host,
+// copied to the device with one asynchronous copy per op call, indexed by (layer, tile) items.
+//
+// Plain structs of fixed-width integers and pointers only: the host compiler (g++) and nvcc
+// must lay them out identically, and the host copies them as bytes.
+//
+// A weight of any shape is the matrix rows = shape[dim] by cols = numel / rows, addressed in
+// place as (pre, rows, post) with pre = prod(shape[:dim]), post = prod(shape[dim+1:]):
+// element (r, c), c = p * post + q, is at p * rows * post + r * post + q. Nothing is permuted.
+#pragma once
+
+#include <cstdint>
+
+// The sizing helpers below are used by host code and by kernels.
+#if defined(__CUDACC__)
+#define SN_CUDA_HOST_DEVICE __host__ __device__
+#else
+#define SN_CUDA_HOST_DEVICE
+#endif
+
+namespace sn_cuda {
+
+// Every kernel runs blocks of this many threads (the tilings below assume it).
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// Power iteration: one layer of launches A (s = W v) and B (t = W^T u).
+struct PowerLayer {
+  const void* w;       // contiguous weight, the weight dtype
+  void* u;             // u buffer (rows elements, stride u_stride), the weight dtype
+  void* v;             // v buffer (cols elements, stride v_stride), the weight dtype
+  int64_t u_stride;
+  int64_t v_stride;
+  int64_t pre, rows, post, cols;
+  // Launch A: items of rows_per_item = kThreads / a_tpr rows, a_tpr threads per row.
+  int64_t a_begin;     // first item of this layer (layers are sorted by it)
+  int64_t a_items;
+  int64_t a_tpr;       // threads per row: a power of two in [4, kThreads]
+  // Launch B: items (column block, row chunk); b_width threads per column block.
+  int64_t b_begin;
+  int64_t b_items;     // b_col_blocks * b_chunks
+  int64_t b_width;     // columns per item: a power of two in [32, kThreads]
+  int64_t b_col_blocks;
+  int64_t b_chunk_rows;  // rows per chunk
+  int64_t b_chunks;
+  // Offsets, in accumulator elements, into the call's scratch: s = W v (rows), t = W^T u
+  // (cols), and launch B's per-chunk column sums ([b_chunks][cols]).
+  int64_t s_off, t_off, part_off;
+  // Offset of u in the packed uv output (v follows at uv_off + rows).
+  int64_t uv_off;
+  // Indices into the call's counters: layer done in A, layer done in B, and the first of
+  // b_col_blocks column-block counters of B.
+  int64_t ctr_a, ctr_b, ctr_cols;
+};
+
+// Elementwise passes (W/sigma, and the backward's reduction and update): one layer of a flat
+// loop over contiguous elements, in items of elementwise_item_elems(element size) elements.
+struct ElementLayer {
+  const void* in;      // W (normalize) or the gradient G (backward)
+  const void* in2;     // W/sigma (backward), unused by normalize
+  void* out;           // W/sigma (normalize) or dL/dW (backward)
+  int64_t numel;
+  int64_t begin;       // first item of this layer
+  int64_t items;
+  int64_t rows, post;  // the (pre, rows, post) view, for u_r and v_c in the backward
+  int64_t uv_off;      // offset of u in uv (v follows at uv_off + rows)
+  int64_t aligned;     // 1 when in, in2 and out are 16-byte aligned: vector loads and stores
+};
+
+// Elements per thread per pass of the elementwise kernels: 16 bytes (one vector) ...
+SN_CUDA_HOST_DEVICE constexpr int vector_elems(int elem_size) { return 16 / elem_size; }
+// ... times this many vectors per thread per item.
+constexpr int kElementUnroll = 4;
+SN_CUDA_HOST_DEVICE constexpr int64_t elementwise_item_elems(int elem_size) {
+  return int64_t{kThreads} * vector_elems(elem_size) * kElementUnroll;
+}
+
+}  // namespace sn_cuda

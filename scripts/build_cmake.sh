@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Configure and build the CUDA extension with CMake (CMakeLists.txt) into build/cmake, against
+# the torch installed for `python` (or $PYTHON), then checks that the module registers its
+# kernels. CI and scripts/gpu_check.sh run it so that the CMake build cannot rot. Honours
+# CUDA_HOME, MAX_JOBS and TORCH_CUDA_ARCH_LIST (default "8.0;9.0", as setup.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The interpreter that holds torch (a bare `python` may be another one).
+if [ -z "${PYTHON:-}" ]; then
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
+      PYTHON="$(command -v "$candidate")"
+      break
+    fi
+  done
+fi
+: "${PYTHON:?no python with torch found}"
+# CUDA_HOME: the toolkit whose bin/nvcc and include/cuda_runtime.h exist (a PATH nvcc may be
+# a wrapper script outside the toolkit, so try the usual homes first).
+if [ -z "${CUDA_HOME:-}" ]; then
+  nvcc_on_path="$(command -v nvcc || true)"
+  for candidate in "${CUDA_PATH:-}" /usr/local/cuda \
+      "$( [ -n "$nvcc_on_path" ] && dirname "$(dirname "$(readlink -f "$nvcc_on_path")")" )"; do
+    if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+      CUDA_HOME="$candidate"
+      break
+    fi
+  done
+fi
+: "${CUDA_HOME:?set CUDA_HOME: no CUDA toolkit found}"
+export CUDA_HOME CUDACXX="${CUDACXX:-$CUDA_HOME/bin/nvcc}"
+
+generator=()
+if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
+cmake -S . -B build/cmake "${generator[@]}" \
+  -DPython3_EXECUTABLE="$PYTHON" -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
+cmake --build build/cmake --parallel "${MAX_JOBS:-2}"
+
+# The module loads and registers a CUDA kernel for each op (no GPU needed). SN_CUDA_DISABLE keeps
+# sn_cuda from loading the pip-built module as well; importing sn_cuda defines the op schemas.
+module="$(ls build/cmake/_C.*.so)"
+SN_CUDA_DISABLE=1 "$PYTHON" - "$module" <<'PY'
+import importlib.util
+import sys
+
+import torch
+
+spec = importlib.util.spec_from_file_location("sn_cuda._C", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import sn_cuda  # noqa: E402,F401  (the schemas, checked against the registered kernels)
+
+ops = ["power_iteration", "normalize", "normalize_backward"]
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_cuda::{op}", "CUDA")]
+if missing:
+    sys.exit(f"{sys.argv[1]}: no CUDA kernel registered for {missing}")
+print(f"{sys.argv[1]}: CUDA kernels registered for {', '.join(ops)}")
+PY

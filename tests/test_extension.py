@@ -1,0 +1,61 @@
+"""The compiled extension sn_cuda._C: it loads, and importing it registers a CUDA kernel for
+each of the three ops (no GPU needed: registration happens when the library loads).
+
+Skipped where the extension is not built, unless SN_CUDA_REQUIRE_EXTENSION=1 (CI sets it,
+after a forced build): then a missing or broken extension fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from sn_cuda import _extension
+
+OPS = ["power_iteration", "normalize", "normalize_backward"]
+REQUIRED = os.environ.get("SN_CUDA_REQUIRE_EXTENSION", "") not in ("", "0")
+BUILT = importlib.util.find_spec("sn_cuda._C") is not None
+DISABLED = os.environ.get("SN_CUDA_DISABLE", "") not in ("", "0")
+
+
+def _need_loaded_extension():
+    if _extension.LOADED:
+        return
+    if REQUIRED:
+        pytest.fail(f"SN_CUDA_REQUIRE_EXTENSION is set but {_extension.LOAD_REASON}")
+    pytest.skip(f"the compiled extension is not loaded: {_extension.LOAD_REASON}")
+
+
+def test_extension_loads_when_required_or_built():
+    if not (REQUIRED or (BUILT and not DISABLED)):
+        pytest.skip("the compiled extension is not built, or SN_CUDA_DISABLE is set")
+    assert _extension.LOADED, _extension.LOAD_REASON
+    assert "loaded" in _extension.LOAD_REASON
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    _need_loaded_extension()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_cuda::{op}", "CUDA"), op
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_cuda_kernel_comes_from_csrc(op):
+    # One CUDA kernel, the extension's, registered from csrc/cuda/<op>.cu.
+    _need_loaded_extension()
+    dump = torch._C._dispatch_dump(f"sn_cuda::{op}")
+    cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+    assert len(cuda_lines) == 1, dump
+    assert f"{op}.cu" in cuda_lines[0], cuda_lines[0]
+
+
+def test_backend_reports_the_extension():
+    _need_loaded_extension()
+    backend = _extension.backend()
+    if torch.cuda.is_available():
+        assert backend == "cuda", backend.reason
+    else:
+        assert backend == "torch" and "no CUDA device" in backend.reason
