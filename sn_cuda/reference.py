@@ -25,6 +25,7 @@ Conventions shared with the compiled op (``sn_cuda.ops``):
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -48,7 +49,9 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     """
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
-    return weight.flatten(1)  # not reshape(rows, -1): that fails when rows == 0
+    # Not reshape(rows, -1), which fails when rows == 0; a 1-D weight (the hook flavour
+    # accepts one, e.g. a bias) is the (n, 1) matrix, as in torch.
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
 # Weights whose arithmetic runs in float32 (their u, v buffers keep the weight's dtype).

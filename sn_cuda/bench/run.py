@@ -1,0 +1,223 @@
+"""Running the suites and the end-to-end step; assembling the result dict (see report.py)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from . import methods as methods_mod
+from .environment import describe
+from .report import SCHEMA
+from .sngan import ResDiscriminator32, make_train_step, sn_layers
+from .suites import Suite, build
+from .timing import Timing, copy_bandwidth, measure
+
+__all__ = [
+    "Settings", "run", "print_progress", "suite_grads", "prepare_suite_step", "SuiteStep",
+    "prepare_e2e_step",
+    "DTYPES", "E2E_METHODS", "E2E_SUITE",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+E2E_METHODS = ("none", "torch_hook", "torch_param", "sn_cuda_layer", "sn_cuda_batched")
+E2E_SUITE = "sngan_cifar_resnet_d"  # selecting this suite also runs the training step
+
+
+def print_progress(line: str) -> None:
+    """Progress lines go to stderr, so stdout holds only the table."""
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: str = "fp32"
+    quick: bool = False
+    warmup: int = 10
+    repeats: int = 50
+    budget_s: float = 10.0  # stop repeating a measurement after this long (min 3 repeats)
+    e2e_batch: int = 64
+    methods: tuple[str, ...] = methods_mod.METHODS
+    command: str = "python -m sn_cuda bench"
+
+
+def _timing_dict(t: Timing) -> dict:
+    return {
+        "median_us": t.median_us, "min_us": t.min_us, "max_us": t.max_us,
+        "repeats": t.repeats, "first_call_s": t.first_call_s,
+    }
+
+
+def suite_grads(suite: Suite, device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One fixed random ∂L/∂W_sn per layer, the same for every method."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    return [torch.randn(l.shape, generator=gen, device=device, dtype=dtype) for l in suite.layers]
+
+
+@dataclass
+class SuiteStep:
+    """What ``prepare_suite_step`` builds. ``step()``: every normalized weight in training mode,
+    then the backward of the fixed gradients into the original weights. ``zero_grads()``
+    (untimed, before each step) drops accumulated gradients, as ``optimizer.zero_grad()``
+    does. ``params``: the original weights."""
+
+    step: Callable[[], None]
+    zero_grads: Callable[[], None]
+    params: list[torch.Tensor]
+
+
+def prepare_suite_step(
+    suite: Suite, method: str, grads: list[torch.Tensor], device, dtype: torch.dtype
+) -> SuiteStep:
+    model = build(suite, device, dtype)
+    torch.manual_seed(0)  # the same initial u, v for every method
+    forward = methods_mod.apply(method, model, list(model.layers))
+    params = list(model.parameters())  # the originals, after SN registered them
+
+    def step():
+        torch.autograd.backward(forward(), grads)
+
+    def zero_grads():
+        for p in params:
+            p.grad = None
+
+    return SuiteStep(step, zero_grads, params)
+
+
+def prepare_e2e_step(method: str, device, dtype: torch.dtype, batch: int) -> Callable[[], None]:
+    """One SNGAN CIFAR D training step with ``method``'s SN ("none": without SN)."""
+    torch.manual_seed(0)
+    model = ResDiscriminator32().to(device=device, dtype=dtype)
+    forward = methods_mod.apply(method, model, sn_layers(model))
+    return make_train_step(forward, model, batch, device, dtype)
+
+
+def _time_suite_method(suite: Suite, method: str, grads: list[torch.Tensor], s: Settings) -> Timing:
+    try:
+        prepared = prepare_suite_step(suite, method, grads, s.device, DTYPES[s.dtype])
+        return measure(
+            prepared.step, s.device, warmup=s.warmup, repeats=s.repeats, budget_s=s.budget_s,
+            before=prepared.zero_grads,
+        )
+    finally:
+        if method == "torch_compile":
+            torch._dynamo.reset()  # the compiled graphs hold the model: free it now
+
+
+def _time_e2e(method: str, s: Settings) -> Timing:
+    step = prepare_e2e_step(method, s.device, DTYPES[s.dtype], s.e2e_batch)
+    return measure(step, s.device, warmup=s.warmup, repeats=s.repeats, budget_s=s.budget_s)
+
+
+def _time_or_fail(timer: Callable[[], Timing], entry: dict, method: str, progress: "_Progress") -> Timing | None:
+    """Run ``timer``; on an exception, record it under entry["failed"] and go on with the
+    other methods (a crash of one must not lose minutes of others' timings)."""
+    try:
+        return timer()
+    except Exception as e:  # noqa: BLE001 - reported in the table and the exit status
+        entry["failed"][method] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        progress.finish(f"FAILED ({entry['failed'][method]})")
+        return None
+
+
+class _Progress:
+    """"[ 3/15] suite / method: " when a measurement starts, its outcome when it ends (stderr)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def start(self, what: str) -> None:
+        self.done += 1
+        sys.stderr.write(f"[{self.done:{len(str(self.total))}d}/{self.total}] {what}: ")
+        sys.stderr.flush()
+
+    def finish(self, outcome: str) -> None:
+        print(outcome, file=sys.stderr, flush=True)
+
+
+def run(suites: list[Suite], s: Settings) -> dict:
+    """Time every (suite, method) and, when the SNGAN CIFAR D suite is selected, the
+    end-to-end D training step. Returns the result dict documented in report.py."""
+    env = describe(s.device)
+    copy_bytes = (256 << 20) if s.device.type == "cuda" else (64 << 20)
+    env["copy_gbps"] = copy_bandwidth(s.device, copy_bytes)
+    print_progress(
+        f"{env['device_name']}: copy bandwidth {env['copy_gbps']:.1f} GB/s; "
+        f"sn_cuda backend {env['backend']} ({env['backend_reason']})"
+    )
+    e2e = any(suite.name == E2E_SUITE for suite in suites)
+    e2e_methods = [m for m in E2E_METHODS if m == "none" or m in s.methods]
+    progress = _Progress(len(suites) * len(s.methods) + (len(e2e_methods) if e2e else 0))
+    elem = torch.empty((), dtype=DTYPES[s.dtype]).element_size()
+
+    result = {
+        "schema": SCHEMA,
+        "environment": env,
+        "settings": {
+            "dtype": s.dtype, "quick": s.quick, "warmup": s.warmup, "repeats": s.repeats,
+            "budget_s": s.budget_s, "command": s.command,
+        },
+        "suites": {},
+        "end_to_end": None,
+    }
+    for suite in suites:
+        nbytes = 8 * suite.numel * elem
+        entry = {
+            "title": suite.title, "source": suite.source, "layers": len(suite.layers),
+            "params": suite.numel, "bytes_per_step": nbytes, "methods": {}, "skipped": {},
+            "failed": {},
+        }
+        grads = suite_grads(suite, s.device, DTYPES[s.dtype])
+        for method in s.methods:
+            progress.start(f"{suite.name} / {methods_mod.LABELS[method]}")
+            why = methods_mod.unavailable_reason(method, s.device)
+            if why is not None:
+                entry["skipped"][method] = why
+                progress.finish(f"skipped ({why})")
+                continue
+            t = _time_or_fail(partial(_time_suite_method, suite, method, grads, s), entry, method, progress)
+            if t is None:
+                continue
+            gbps = nbytes / (t.median_us * 1e-6) / 1e9
+            entry["methods"][method] = {
+                **_timing_dict(t), "bytes": nbytes, "gbps": gbps,
+                "copy_fraction": gbps / env["copy_gbps"], "speedup": None,
+            }
+            progress.finish(f"{t.median_us:.0f} µs median of {t.repeats}")
+        _fill_speedups(entry["methods"])
+        result["suites"][suite.name] = entry
+        del grads
+
+    if e2e:
+        entry = {
+            "model": "SNGAN CIFAR ResNet D", "batch": s.e2e_batch, "image_size": 32, "loss": "hinge",
+            "optimizer": "Adam", "methods": {}, "skipped": {}, "failed": {},
+        }
+        for method in e2e_methods:
+            progress.start(f"end-to-end SNGAN D step / {methods_mod.LABELS[method]}")
+            why = methods_mod.unavailable_reason(method, s.device) if method != "none" else None
+            if why is not None:
+                entry["skipped"][method] = why
+                progress.finish(f"skipped ({why})")
+                continue
+            t = _time_or_fail(partial(_time_e2e, method, s), entry, method, progress)
+            if t is None:
+                continue
+            entry["methods"][method] = {**_timing_dict(t), "speedup": None, "vs_no_sn": None}
+            progress.finish(f"{t.median_us:.0f} µs median of {t.repeats}")
+        _fill_speedups(entry["methods"])
+        none = entry["methods"].get("none")
+        for m in entry["methods"].values():
+            m["vs_no_sn"] = m["median_us"] / none["median_us"] if none else None
+        result["end_to_end"] = entry
+    return result
+
+
+def _fill_speedups(timed: dict) -> None:
+    hook = timed.get("torch_hook")
+    for m in timed.values():
+        m["speedup"] = hook["median_us"] / m["median_us"] if hook else None
