@@ -82,15 +82,13 @@ def _join(module_name: str, tensor_name: str) -> str:
 
 
 def _batchable(layer: _Layer) -> bool:
-    weight, _, _ = layer.tensors() if _has_vectors(layer) else (None, None, None)
-    if weight is None or weight.ndim < 2 or weight.is_complex():
+    if layer.param_flavour and "_u" not in layer.sn._buffers:
+        return False  # a 1-D weight: torch's parametrization keeps no vectors for it
+    weight = layer.tensors()[0]
+    if weight.ndim < 2 or weight.is_complex():
         return False
     # Spectral norm must be the first parametrization: its input is then the original tensor.
     return not layer.param_flavour or (layer.plist.is_tensor and layer.plist[0] is layer.sn)
-
-
-def _has_vectors(layer: _Layer) -> bool:
-    return "_u" in layer.sn._buffers if layer.param_flavour else True
 
 
 class BatchHandle:
