@@ -6,28 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The interpreter that holds torch (a bare `python` may be another one).
-if [ -z "${PYTHON:-}" ]; then
-  for candidate in python3 python; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
-      PYTHON="$(command -v "$candidate")"
-      break
-    fi
-  done
-fi
+# PYTHON and CUDA_HOME, found as gpu_check.sh finds them.
+. scripts/env.sh
 : "${PYTHON:?no python with torch found}"
-# CUDA_HOME: the toolkit whose bin/nvcc and include/cuda_runtime.h exist (a PATH nvcc may be
-# a wrapper script outside the toolkit, so try the usual homes first).
-if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_on_path="$(command -v nvcc || true)"
-  for candidate in "${CUDA_PATH:-}" /usr/local/cuda \
-      "$( [ -n "$nvcc_on_path" ] && dirname "$(dirname "$(readlink -f "$nvcc_on_path")")" )"; do
-    if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
-      CUDA_HOME="$candidate"
-      break
-    fi
-  done
-fi
 : "${CUDA_HOME:?set CUDA_HOME: no CUDA toolkit found}"
 export CUDA_HOME CUDACXX="${CUDACXX:-$CUDA_HOME/bin/nvcc}"
 

@@ -13,31 +13,10 @@ OUT="${OUT:-${TMPDIR:-/tmp}/sn_cuda_gpu_check}"
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-# The interpreter that holds torch (a bare `python` may be another one).
-if [ -z "${PYTHON:-}" ]; then
-  for candidate in python3 python; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" >/dev/null 2>&1; then
-      PYTHON="$(command -v "$candidate")"
-      break
-    fi
-  done
-fi
+# PYTHON and CUDA_HOME, found as build_cmake.sh finds them (CUDA_HOME may stay empty here:
+# the steps that need it fail on their own and the others still run).
+. scripts/env.sh
 : "${PYTHON:?no python with torch found}"
-export PYTHON
-
-# CUDA_HOME: the toolkit whose bin/nvcc and include/cuda_runtime.h exist (a PATH nvcc may be
-# a wrapper script outside the toolkit, so try the usual homes first).
-if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_on_path="$(command -v nvcc || true)"
-  for candidate in "${CUDA_PATH:-}" /usr/local/cuda \
-      "$( [ -n "$nvcc_on_path" ] && dirname "$(dirname "$(readlink -f "$nvcc_on_path")")" )"; do
-    if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
-      CUDA_HOME="$candidate"
-      break
-    fi
-  done
-fi
-export CUDA_HOME="${CUDA_HOME:-}"
 export PATH="${CUDA_HOME:+$CUDA_HOME/bin:}$PATH"
 export MAX_JOBS="${MAX_JOBS:-16}"
 # Only the GPU at hand (sm_90): half the device code to compile. CI builds sm_80 and sm_90.

@@ -12,6 +12,7 @@ Tests marked ``cuda`` need a GPU and the compiled extension; they are skipped ot
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Sequence
 
 import pytest
@@ -21,6 +22,9 @@ from torch.nn.utils import parametrize
 
 import sn_cuda
 import sn_cuda.legacy
+
+# torch.nn.utils.spectral_norm is the function; the module holding the hook class is shadowed.
+_torch_hook_module = importlib.import_module("torch.nn.utils.spectral_norm")
 
 # The tests run thousands of tiny CPU ops: on a 2-core machine, intra-op threads only contend
 # (the suite runs ~4x faster on one thread). Results do not depend on it.
@@ -112,6 +116,22 @@ class Flavour:
     def vectors(self, module: nn.Module, name: str = "weight") -> list[Tensor]:
         """The live u and v buffers."""
         return [module.get_buffer(key) for key in self.vector_keys(module, name)]
+
+    def original(self, module: nn.Module, name: str = "weight") -> nn.Parameter:
+        """The unnormalized parameter (what the optimizer updates)."""
+        return module.get_parameter(self.original_key(name))
+
+    def normalizer(self, module: nn.Module, name: str = "weight") -> nn.Module:
+        """The object that normalizes ``name`` (it holds dim and eps): the forward pre-hook of
+        the hook flavour, the parametrization of the other; torch's or sn_cuda's alike."""
+        if self.is_legacy:
+            (hook,) = [
+                h
+                for h in module._forward_pre_hooks.values()
+                if isinstance(h, _torch_hook_module.SpectralNorm) and h.name == name
+            ]
+            return hook
+        return module.parametrizations[name][0]
 
     def remove(self, module: nn.Module, name: str = "weight") -> nn.Module:
         if self.is_legacy:

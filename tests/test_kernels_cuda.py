@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import sn_cuda
 from sn_cuda import _extension, reference
+from sn_cuda.ops import _rows_cols, _split_uv  # the (rows, cols) of a layer; views of packed uv
 
 KERNELS_READY = torch.cuda.is_available() and _extension.LOADED
 cuda = pytest.mark.skipif(not KERNELS_READY, reason="needs a CUDA GPU and the compiled extension")
@@ -100,17 +101,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def matrix_size(shape, dim) -> tuple[int, int]:
-    rows = shape[dim]
-    return rows, math.prod(s for i, s in enumerate(shape) if i != dim)
-
-
 def reference_power_iteration(weights, us, vs, dims, u_first, n, eps, training):
     """What sn_cuda::power_iteration means, from sn_cuda.reference, for float64 tensors on any
     device: u, v updated in place when training; σ = u·W v; uv = [u0, v0, u1, v1, ...]."""
     sigmas, uv = [], []
     for w, u, v, dim in zip(weights, us, vs, dims):
-        rows, cols = matrix_size(w.shape, dim)
+        rows, cols = _rows_cols(w.shape, dim)
         # weight_matrix cannot reshape an empty weight with rows = 0; its matrix is all zeros.
         mat = reference.weight_matrix(w, dim) if w.numel() else w.new_zeros(rows, cols)
         if training:
@@ -118,16 +114,6 @@ def reference_power_iteration(weights, us, vs, dims, u_first, n, eps, training):
         sigmas.append(torch.vdot(u, torch.mv(mat, v)))
         uv += [u.reshape(-1), v.reshape(-1)]
     return torch.stack(sigmas), torch.cat(uv)
-
-
-def split_uv(uv, shapes, dims):
-    us, vs, at = [], [], 0
-    for shape, dim in zip(shapes, dims):
-        rows, cols = matrix_size(shape, dim)
-        us.append(uv[at : at + rows])
-        vs.append(uv[at + rows : at + rows + cols])
-        at += rows + cols
-    return us, vs
 
 
 # ---------------------------------------------------------------------------- comparing
@@ -184,7 +170,7 @@ def make_layers(layers, dtype, device, seed=0, layout="contiguous"):
     gen = torch.Generator(device=device).manual_seed(seed)
     weights, us, vs, dims = [], [], [], []
     for shape, dim in layers:
-        rows, cols = matrix_size(shape, dim)
+        rows, cols = _rows_cols(shape, dim)
         w = make_tensor(shape, dtype, device, gen, layout)
         u = make_tensor((rows,), dtype, device, gen, layout, unit=True)
         v = make_tensor((cols,), dtype, device, gen, layout, unit=True)
@@ -245,7 +231,7 @@ def run_and_check(
     # weights too: they are held to the accumulation dtype's bound, not the weight dtype's.
     acc_tol = TOL[acc]
     assert_close(sigmas, sig_ref, acc_tol, "sigmas")
-    uv_parts = list(zip(*split_uv(uv, shapes, dims), *split_uv(uv_ref, shapes, dims)))
+    uv_parts = list(zip(*_split_uv(uv, shapes, dims), *_split_uv(uv_ref, shapes, dims)))
     for i, (ku, kv, ru, rv) in enumerate(uv_parts):
         assert_close(ku, ru, acc_tol, f"uv: u of layer {i} {tuple(shapes[i])}")
         assert_close(kv, rv, acc_tol, f"uv: v of layer {i} {tuple(shapes[i])}")
@@ -272,7 +258,7 @@ def run_and_check(
     gsig = torch.randn(len(layers), generator=gen, device=device, dtype=acc) if grad_sigmas else None
     poison_allocator(device)
     d_weights = ops.normalize_backward(grads, gsig, w_sn, sigmas, uv, dims)
-    u_k, v_k = split_uv(uv.double(), shapes, dims)
+    u_k, v_k = _split_uv(uv.double(), shapes, dims)
     expected = reference.spectral_norm_backward(
         [g.double() for g in grads],
         (gsig.double() if grad_sigmas else torch.zeros_like(s64)).unbind(0),

@@ -1,74 +1,26 @@
 """sn_cuda.legacy against torch.nn.utils.spectral_norm / remove_spectral_norm (the hook flavour).
 
-What torch's own suite checks for the hook flavour (weight_orig / weight_u / weight_v, the
-version metadata, v-then-u updates in place and only in training, eval reusing the stored
-vectors, gradcheck, removal keeping W/σ as a Parameter, errors), here checked on
-sn_cuda.legacy, and parity with torch itself over train/eval sequences on every layer kind.
-Loading checkpoints (including old version-less ones) is in test_checkpoints.py.
+What torch's own suite checks for the hook flavour only (weight_orig / weight_u / weight_v,
+the version metadata, v-then-u updates, removal keeping W/σ as a Parameter, errors), here
+checked on sn_cuda.legacy. What both flavours must do alike (parity with torch over train/eval
+sequences, updates in place and only in training, gradcheck, ...) is in test_flavours.py;
+loading checkpoints (including old version-less ones) is in test_checkpoints.py.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import sn_cuda.legacy
 from sn_cuda.legacy import SpectralNorm, remove_spectral_norm, spectral_norm
 
-_torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
-
-
-def _hook(module: nn.Module) -> SpectralNorm:
-    (hook,) = [h for h in module._forward_pre_hooks.values() if isinstance(h, _torch_sn.SpectralNorm)]
-    return hook
-
 
 # ------------------------------------------------------------------- parity with torch
-def test_parity_over_train_eval_sequence(legacy_flavour, layer, device, make_twins):
-    twins = make_twins(legacy_flavour, layer, device)
-    twins.assert_state_same("after registration")
-    x = twins.input
-    twins.step([x()], training=True)
-    twins.step([x(), x()], training=True)  # D(real), D(fake), one backward
-    twins.step([x()], training=False)
-    twins.step([x(), x()], training=False)
-    twins.step([x()], training=True)
-    twins.assert_state_same("after the sequence")
-
-
-@pytest.mark.parametrize("n_power_iterations, eps", [(3, 1e-12), (1, 1e-3)])
-def test_parity_with_arguments(legacy_flavour, layers, make_twins, n_power_iterations, eps):
-    for name in ("conv2d_groups", "convtranspose2d_groups"):
-        twins = make_twins(legacy_flavour, layers[name], n_power_iterations=n_power_iterations, eps=eps)
-        twins.step([twins.input(), twins.input()], training=True)
-        twins.step([twins.input()], training=False)
-
-
-
-def test_parity_when_eps_matters(legacy_flavour, layers, make_twins):
-    # eps above σ(W): every normalization is clamped by eps, so only an eps passed through
-    # unchanged gives torch's numbers.
-    layer = layers["conv2d_groups"]
-    torch.manual_seed(0)
-    sigma_max = torch.linalg.matrix_norm(layer.make().weight.detach().flatten(1), ord=2).item()
-    twins = make_twins(legacy_flavour, layer, eps=1.2 * sigma_max)
-    twins.assert_state_same("after registration")
-    twins.step([twins.input()], training=True)
-    twins.step([twins.input()], training=False)
-    twins.step([twins.input()], training=True)
-
-def test_parity_fp64(legacy_flavour, layers, make_twins):
-    twins = make_twins(legacy_flavour, layers["conv3d_groups"], dtype=torch.float64)
-    twins.step([twins.input(), twins.input()], training=True)
-    twins.step([twins.input()], training=False)
-
-
 def test_removal_is_torchs(legacy_flavour, layers, make_twins):
     twins = make_twins(legacy_flavour, layers["convtranspose2d_groups"])
     x = twins.input()
@@ -86,17 +38,18 @@ def test_removal_is_torchs(legacy_flavour, layers, make_twins):
 
 
 # ------------------------------------------------------------------------ registration
-def test_registration_parameters_buffers_and_metadata(layer):
+def test_registration_parameters_buffers_and_metadata(legacy_flavour, layer):
     m = spectral_norm(layer.make(), layer.param)
     name = layer.param
-    assert type(_hook(m)) is SpectralNorm
+    hook = legacy_flavour.normalizer(m, name)
+    assert type(hook) is SpectralNorm
     params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
     assert f"{name}_orig" in params and name not in params
     assert {f"{name}_u", f"{name}_v"} <= buffers.keys()
     # Before the first forward, `weight` is the plain tensor (shared storage with weight_orig).
     assert not isinstance(getattr(m, name), nn.Parameter)
     assert getattr(m, name).data_ptr() == params[f"{name}_orig"].data_ptr()
-    matrix_rows = getattr(m, name).shape[_hook(m).dim]
+    matrix_rows = getattr(m, name).shape[hook.dim]
     assert buffers[f"{name}_u"].shape == (matrix_rows,)
     assert buffers[f"{name}_v"].shape == (getattr(m, name).numel() // matrix_rows,)
     state = m.state_dict()
@@ -115,14 +68,6 @@ def test_initial_vectors_are_normalized_draws():
     assert torch.equal(m.weight_v, F.normalize(torch.randn(27), dim=0, eps=1e-12))
 
 
-@pytest.mark.parametrize("kind, default", [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 1), (nn.ConvTranspose3d, 1), (nn.Conv2d, 0)])
-def test_default_dim(kind, default):
-    m = spectral_norm(kind(4, 6, 3))
-    assert _hook(m).dim == default
-    assert m.weight_u.shape == (m.weight.shape[default],)
-    assert _hook(spectral_norm(kind(4, 6, 3), dim=0)).dim == 0
-
-
 def test_registering_twice_fails_whichever_registered_first():
     # Either flavour's hook counts as a spectral_norm hook for the other.
     for first, second in [
@@ -139,10 +84,10 @@ def test_registering_twice_fails_whichever_registered_first():
 
 # -------------------------------------------------------------------------- semantics
 @pytest.mark.parametrize("kind", ["linear", "conv2d_groups", "convtranspose2d_groups"])
-def test_one_training_step_follows_the_formula(layers, kind):
+def test_one_training_step_follows_the_formula(legacy_flavour, layers, kind):
     # v' = normalize(Wᵀ u), u' = normalize(W v'), W_sn = W / (u'·W v'), computed here by hand.
     m = spectral_norm(layers[kind].make())
-    hook = _hook(m)
+    hook = legacy_flavour.normalizer(m)
     w = m.weight_orig.detach()
     mat = w.movedim(hook.dim, 0).reshape(w.shape[hook.dim], -1)
     v = F.normalize(mat.t() @ m.weight_u, dim=0, eps=hook.eps)
@@ -154,61 +99,6 @@ def test_one_training_step_follows_the_formula(layers, kind):
     torch.testing.assert_close(m.weight_v, v, rtol=1e-6, atol=1e-7)
     sigmas, index = hook.last_sigma
     torch.testing.assert_close(sigmas[index], sigma, rtol=1e-6, atol=0)
-
-
-def test_vectors_change_in_place_and_only_in_training():
-    m = spectral_norm(nn.Conv2d(3, 5, 3))
-    x = torch.randn(2, 3, 6, 6)
-    ptrs = (m.weight_u.data_ptr(), m.weight_v.data_ptr())
-    before = (m.weight_u.clone(), m.weight_v.clone())
-    m(x)
-    assert (m.weight_u.data_ptr(), m.weight_v.data_ptr()) == ptrs
-    assert not torch.equal(m.weight_u, before[0]) and not torch.equal(m.weight_v, before[1])
-    m.eval()
-    before = (m.weight_u.clone(), m.weight_v.clone())
-    m(x)
-    m(x)
-    assert torch.equal(m.weight_u, before[0]) and torch.equal(m.weight_v, before[1])
-    assert (m.weight_u.data_ptr(), m.weight_v.data_ptr()) == ptrs
-
-
-def test_eval_output_equals_last_training_output():
-    m = spectral_norm(nn.Linear(6, 4))
-    x = torch.randn(3, 6)
-    for _ in range(3):
-        out_train = m(x)
-    m.eval()
-    assert torch.equal(m(x), out_train)
-    assert torch.equal(m(x), out_train)
-
-
-def test_two_forwards_one_backward():
-    m = spectral_norm(nn.Linear(6, 4))
-    loss = m(torch.randn(3, 6)).sum() - m(torch.randn(3, 6)).sum()
-    loss.backward()
-    assert m.weight_orig.grad is not None
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck(training):
-    torch.manual_seed(0)
-    m = spectral_norm(nn.Linear(4, 3).double()).train(training)
-    saved = m.weight_u.clone(), m.weight_v.clone()
-
-    def two_calls(x, weight):
-        # Every evaluation starts from the same u, v, so finite differences see one function.
-        with torch.no_grad():
-            m.weight_u.copy_(saved[0])
-            m.weight_v.copy_(saved[1])
-        return functional_call(m, {"weight_orig": weight}, (x,)) + functional_call(m, {"weight_orig": weight}, (x * 2,))
-
-    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    # u, v depend on W through power iteration in training (a constant for autograd, as in
-    # torch): the weight gradient is checked in eval mode only.
-    weight = m.weight_orig.detach().clone().requires_grad_(not training)
-    assert torch.autograd.gradcheck(two_calls, (x, weight))
-    if not training:
-        assert torch.autograd.gradgradcheck(two_calls, (x, weight))
 
 
 # ---------------------------------------------------------------------------- removal

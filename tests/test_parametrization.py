@@ -1,9 +1,11 @@
 """sn_cuda.spectral_norm against torch.nn.utils.parametrizations.spectral_norm.
 
-What torch's own suite checks for the parametrization flavour (registration, initialisation,
-u/v updated in place and only in training, eval reusing the stored vectors, gradcheck,
-removal, right_inverse, dims, errors), here checked on sn_cuda, and parity with torch itself
-over train/eval sequences on every layer kind of conftest.LAYERS.
+What torch's own suite checks for the parametrization flavour only (registration,
+initialisation, u-then-v updates, the weight gradient, removal, right_inverse, dims, errors),
+here checked on sn_cuda, and parity with torch where only this flavour goes (complex weights,
+parametrize.cached, negative dims). What both flavours must do alike (parity with torch over
+train/eval sequences on every layer kind of conftest.LAYERS, updates in place and only in
+training, gradcheck, ...) is in test_flavours.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as TorchSpectralNorm
 
@@ -28,27 +29,6 @@ def _x(*shape, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------- parity with torch
-def test_parity_over_train_eval_sequence(param_flavour, layer, device, make_twins):
-    twins = make_twins(param_flavour, layer, device)
-    twins.assert_state_same("after registration")
-    x = twins.input
-    twins.step([x()], training=True)
-    twins.step([x(), x()], training=True)  # D(real), D(fake), one backward
-    twins.step([x()], training=False)
-    twins.step([x(), x()], training=False)
-    twins.step([x()], training=True)
-    twins.assert_state_same("after the sequence")
-
-
-@pytest.mark.parametrize("n_power_iterations, eps", [(3, 1e-12), (1, 1e-3)])
-def test_parity_with_arguments(param_flavour, layers, make_twins, n_power_iterations, eps):
-    for name in ("conv2d_groups", "convtranspose2d_groups"):
-        twins = make_twins(param_flavour, layers[name], n_power_iterations=n_power_iterations, eps=eps)
-        twins.assert_state_same("after registration")
-        twins.step([twins.input(), twins.input()], training=True)
-        twins.step([twins.input()], training=False)
-
-
 @pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_parity_complex_weights(param_flavour, layers, make_twins, dtype):
@@ -57,25 +37,6 @@ def test_parity_complex_weights(param_flavour, layers, make_twins, dtype):
         twins.assert_state_same("after registration")
         twins.step([twins.input(), twins.input()], training=True)
         twins.step([twins.input()], training=False)
-
-
-
-def test_parity_when_eps_matters(param_flavour, layers, make_twins):
-    # eps above σ(W): every normalization is clamped by eps, so only an eps passed through
-    # unchanged gives torch's numbers.
-    layer = layers["conv2d_groups"]
-    torch.manual_seed(0)
-    sigma_max = torch.linalg.matrix_norm(layer.make().weight.detach().flatten(1), ord=2).item()
-    twins = make_twins(param_flavour, layer, eps=1.2 * sigma_max)
-    twins.assert_state_same("after registration")
-    twins.step([twins.input()], training=True)
-    twins.step([twins.input()], training=False)
-    twins.step([twins.input()], training=True)
-
-def test_parity_fp64(param_flavour, layers, make_twins):
-    twins = make_twins(param_flavour, layers["conv3d_groups"], dtype=torch.float64)
-    twins.step([twins.input(), twins.input()], training=True)
-    twins.step([twins.input()], training=False)
 
 
 def test_parity_under_cached(param_flavour, layers, make_twins):
@@ -137,15 +98,6 @@ def test_initialisation_is_15_iterations_plus_the_registration_check(training):
     assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
 
 
-@pytest.mark.parametrize("kind, default", [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 1), (nn.ConvTranspose3d, 1), (nn.Conv2d, 0)])
-def test_default_dim(kind, default):
-    m = sn_cuda.spectral_norm(kind(4, 6, 3))
-    sn = m.parametrizations.weight[0]
-    assert sn.dim == default
-    assert sn._u.shape == (m.weight.shape[default],)
-    assert sn_cuda.spectral_norm(kind(4, 6, 3), dim=0).parametrizations.weight[0].dim == 0
-
-
 def test_one_dimensional_weight_is_divided_by_its_norm():
     m = sn_cuda.spectral_norm(nn.Linear(5, 7), "bias")
     bias = m.parametrizations.bias.original
@@ -172,67 +124,6 @@ def test_one_training_step_follows_the_formula(layers, kind):
     # last_sigma is σ of that forward (what sn_cuda.sigmas reads).
     sigmas, index = sn.last_sigma
     torch.testing.assert_close(sigmas[index], sigma, rtol=1e-6, atol=0)
-
-
-def test_vectors_change_in_place_and_only_in_training():
-    m = sn_cuda.spectral_norm(nn.Conv2d(3, 5, 3))
-    sn = m.parametrizations.weight[0]
-    x = _x(2, 3, 6, 6)
-    ptrs = (sn._u.data_ptr(), sn._v.data_ptr())
-    before = (sn._u.clone(), sn._v.clone())
-    m(x)
-    # In place (DataParallel replicas share the buffers' storage), and a real update.
-    assert (sn._u.data_ptr(), sn._v.data_ptr()) == ptrs
-    assert not torch.equal(sn._u, before[0]) or not torch.equal(sn._v, before[1])
-    m.eval()
-    before = (sn._u.clone(), sn._v.clone())
-    m(x)
-    m(x)
-    assert torch.equal(sn._u, before[0]) and torch.equal(sn._v, before[1])
-    assert (sn._u.data_ptr(), sn._v.data_ptr()) == ptrs
-
-
-def test_eval_output_equals_last_training_output():
-    m = sn_cuda.spectral_norm(nn.Linear(6, 4))
-    x = _x(3, 6)
-    for _ in range(3):
-        out_train = m(x)
-    m.eval()
-    assert torch.equal(m(x), out_train)
-    assert torch.equal(m(x), out_train)
-
-
-def test_two_forwards_one_backward():
-    # The GAN pattern: u, v are updated again by the second call before the first backward.
-    m = sn_cuda.spectral_norm(nn.Linear(6, 4))
-    loss = m(_x(3, 6)).sum() - m(_x(3, 6)).sum()
-    loss.backward()
-    assert m.parametrizations.weight.original.grad is not None
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck(training):
-    torch.manual_seed(0)
-    m = sn_cuda.spectral_norm(nn.Linear(4, 3).double()).train(training)
-    sn = m.parametrizations.weight[0]
-    saved = sn._u.clone(), sn._v.clone()
-    key = "parametrizations.weight.original"
-
-    def two_calls(x, weight):
-        # Every evaluation starts from the same u, v, so finite differences see one function.
-        with torch.no_grad():
-            sn._u.copy_(saved[0])
-            sn._v.copy_(saved[1])
-        return functional_call(m, {key: weight}, (x,)) + functional_call(m, {key: weight}, (x * 2,))
-
-    x = _x(2, 4, dtype=torch.float64).requires_grad_()
-    weight = m.get_parameter(key).detach().clone().requires_grad_()
-    # In training, u and v depend on W through power iteration, which torch treats as a
-    # constant: the weight gradient is checked in eval mode only (and by the formula test).
-    inputs = (x, weight.requires_grad_(not training))
-    assert torch.autograd.gradcheck(two_calls, inputs)
-    if not training:
-        assert torch.autograd.gradgradcheck(two_calls, inputs)
 
 
 def test_weight_gradient_treats_u_v_as_constants():
