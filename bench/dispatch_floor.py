@@ -1,53 +1,60 @@
-"""The per-call floor of sn_cuda's op boundary: two Python custom ops shaped like
-``sn_cuda::power_iteration`` (mutating, list arguments) and ``sn_cuda::normalize`` (list in,
-list out, Python autograd), with implementations that do nothing.
+"""Host time of sn_cuda's op boundary with the kernels taken out.
 
-Whatever the kernels cost, a forward through ``sn_cuda.ops.spectral_norm`` costs at least
-this much host time; compare it with the issue-4 targets (~50 µs for a whole SN step of an
-11-layer model). Run: ``python bench/dispatch_floor.py`` (CPU is enough: this is host time).
+In this process the three ``sn_cuda`` ops get CPU kernels that do nothing (they only allocate
+their outputs), and ``sn_cuda.ops.spectral_norm`` is told to take the op path on the CPU. A
+forward + backward then costs exactly what the boundary adds around the kernels: argument
+handling, dispatch, the in-place bookkeeping, autograd. The no-op kernels are Python, so this
+is an upper bound of the boundary's cost with the compiled CUDA kernels.
+
+Compare with issue 4's targets (a whole SN step of an 11-layer SNGAN D in <= 50 µs).
+Run: ``python bench/dispatch_floor.py`` (host time: a CPU is enough).
 """
 
 import time
 
 import torch
-from torch import Tensor
+
+from sn_cuda import ops
 
 
-@torch.library.custom_op("sn_cuda_probe::mutating", mutates_args=("us",))
-def _mutating(ws: list[Tensor], us: list[Tensor], dims: list[int]) -> tuple[Tensor, Tensor]:
-    return ws[0].new_empty(1), ws[0].new_empty(1)
+def _install_noop_kernels(lib: torch.library.Library) -> None:
+    def power_iteration(weights, us, vs, dims, u_first, n, eps, training):
+        return weights[0].new_empty(len(weights)), weights[0].new_empty(1)
+
+    def normalize(weights, sigmas, uv, dims):
+        return [torch.empty_like(w) for w in weights], torch.empty_like(sigmas)
+
+    def normalize_backward(grads, grad_sigmas, w_sn, sigmas, uv, dims):
+        return [torch.empty_like(g) for g in grads]
+
+    for name, fn in (("power_iteration", power_iteration), ("normalize", normalize),
+                     ("normalize_backward", normalize_backward)):
+        lib.impl(name, fn, "CPU")
 
 
-@torch.library.custom_op("sn_cuda_probe::functional", mutates_args=())
-def _functional(ws: list[Tensor], s: Tensor, dims: list[int]) -> tuple[list[Tensor], Tensor]:
-    return [w.new_empty(0) for w in ws], s.new_empty(1)
-
-
-_functional.register_autograd(
-    lambda ctx, grads, _g: (list(grads), None, None),
-    setup_context=lambda ctx, inputs, output: None,
-)
-
-
-def floor_us(layers: int, repeats: int = 500) -> float:
-    ws = [torch.randn(2, 2, requires_grad=True) for _ in range(layers)]
+def step_us(layers: int, repeats: int = 300) -> float:
+    weights = [torch.randn(2, 2, requires_grad=True) for _ in range(layers)]
     us = [torch.randn(2) for _ in range(layers)]
+    vs = [torch.randn(2) for _ in range(layers)]
     dims = [0] * layers
+    grads = [torch.ones(2, 2) for _ in range(layers)]
 
-    def forward():
-        with torch.no_grad():
-            s, _ = _mutating(ws, us, dims)
-        return _functional(ws, s, dims)
+    def step():
+        w_sn, _ = ops.spectral_norm(weights, us, vs, dims, True, 1, 1e-12, True)
+        torch.autograd.backward(w_sn, grads)
 
-    for _ in range(50):
-        forward()
+    for _ in range(30):
+        step()
     start = time.perf_counter()
     for _ in range(repeats):
-        forward()
+        step()
     return (time.perf_counter() - start) / repeats * 1e6
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    lib = torch.library.Library("sn_cuda", "IMPL")
+    _install_noop_kernels(lib)
+    ops.uses_kernels = lambda weight: True  # this process only: take the op path on the CPU
     for n in (1, 11, 23, 64):
-        print(f"{n:3d} layers: {floor_us(n):7.1f} us host time per forward (no kernels)")
+        print(f"{n:3d} layers: {step_us(n):7.1f} us host time per forward+backward (no-op kernels)")

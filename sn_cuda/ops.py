@@ -69,19 +69,37 @@ def _uv_numel(weights: Sequence[Tensor], dims: Sequence[int]) -> int:
     return sum(sum(_rows_cols(w.shape, d)) for w, d in zip(weights, dims))
 
 
-# ------------------------------------------------------------ power iteration and sigma
-@torch.library.custom_op("sn_cuda::power_iteration", mutates_args=("us", "vs"))
-def power_iteration_op(
-    weights: list[Tensor],
-    us: list[Tensor],
-    vs: list[Tensor],
-    dims: list[int],
-    u_first: bool,
-    n_power_iterations: int,
-    eps: float,
-    training: bool,
-) -> tuple[Tensor, Tensor]:
-    # Reference implementation (every device); the extension's CUDA kernel overrides it.
+# ------------------------------------------------------------------------ definitions
+# The ops are defined with torch.library's low-level API rather than torch.library.custom_op:
+# custom_op's generic wrappers (pytree over the tensor lists, a Python ADInplaceOrView kernel,
+# a generic autograd.Function) cost ~45 µs of host time per call at 11 layers and ~130 µs at
+# 64 (bench/dispatch_floor.py), more than the fused kernels themselves. Here each key does only
+# what these ops need. The schemas are the contract with csrc/ (TORCH_LIBRARY_IMPL).
+_lib = torch.library.Library("sn_cuda", "FRAGMENT")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_lib.define(
+    "power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, "
+    "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor, Tensor)",
+    tags=_TAGS,
+)
+_lib.define(
+    "normalize(Tensor[] weights, Tensor sigmas, Tensor uv, SymInt[] dims) -> (Tensor[], Tensor)",
+    tags=_TAGS,
+)
+_lib.define(
+    "normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas, "
+    "Tensor uv, SymInt[] dims) -> Tensor[]",
+    tags=_TAGS,
+)
+power_iteration_op = torch.ops.sn_cuda.power_iteration.default
+normalize_op = torch.ops.sn_cuda.normalize.default
+normalize_backward_op = torch.ops.sn_cuda.normalize_backward.default
+
+
+# ---------------------------------------------- reference implementations (every device)
+# Registered as CompositeExplicitAutograd: the default for any device; the extension's CUDA
+# kernels take precedence for CUDA tensors.
+def _power_iteration_reference(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
     if not weights:
         raise ValueError("sn_cuda::power_iteration: weights must hold at least one tensor")
     acc = _acc_dtype(weights[0].dtype)
@@ -98,19 +116,7 @@ def power_iteration_op(
     return torch.stack(sigmas), torch.cat(snapshot)
 
 
-@power_iteration_op.register_fake
-def _(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
-    acc = _acc_dtype(weights[0].dtype)
-    device = weights[0].device
-    sigmas = torch.empty(len(weights), dtype=acc, device=device)
-    return sigmas, torch.empty(_uv_numel(weights, dims), dtype=acc, device=device)
-
-
-# ------------------------------------------------------------------------- W / sigma
-@torch.library.custom_op("sn_cuda::normalize", mutates_args=())
-def normalize_op(
-    weights: list[Tensor], sigmas: Tensor, uv: Tensor, dims: list[int]
-) -> tuple[list[Tensor], Tensor]:
+def _normalize_reference(weights, sigmas, uv, dims):
     # In the accumulation dtype, rounded once (a no-op cast for float32/float64 weights).
     # Contiguous outputs whatever the weights' strides, like the kernels (and the fake kernel).
     w_sn = [
@@ -119,20 +125,7 @@ def normalize_op(
     return w_sn, sigmas.clone()
 
 
-@normalize_op.register_fake
-def _(weights, sigmas, uv, dims):
-    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights], torch.empty_like(sigmas)
-
-
-@torch.library.custom_op("sn_cuda::normalize_backward", mutates_args=())
-def normalize_backward_op(
-    grads: list[Tensor],
-    grad_sigmas: Tensor | None,
-    w_sn: list[Tensor],
-    sigmas: Tensor,
-    uv: Tensor,
-    dims: list[int],
-) -> list[Tensor]:
+def _normalize_backward_reference(grads, grad_sigmas, w_sn, sigmas, uv, dims):
     us, vs = _split_uv(uv, [w.shape for w in w_sn], dims)
     if grad_sigmas is None:
         grad_sigmas = torch.zeros_like(sigmas)
@@ -141,44 +134,89 @@ def normalize_backward_op(
     )
 
 
-@normalize_backward_op.register_fake
+_lib.impl("power_iteration", _power_iteration_reference, "CompositeExplicitAutograd")
+_lib.impl("normalize", _normalize_reference, "CompositeExplicitAutograd")
+_lib.impl("normalize_backward", _normalize_backward_reference, "CompositeExplicitAutograd")
+
+
+# ------------------------------------------------------------------------ fake kernels
+@torch.library.register_fake("sn_cuda::power_iteration", lib=_lib)
+def _(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
+    acc = _acc_dtype(weights[0].dtype)
+    device = weights[0].device
+    sigmas = torch.empty(len(weights), dtype=acc, device=device)
+    return sigmas, torch.empty(_uv_numel(weights, dims), dtype=acc, device=device)
+
+
+@torch.library.register_fake("sn_cuda::normalize", lib=_lib)
+def _(weights, sigmas, uv, dims):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights], torch.empty_like(sigmas)
+
+
+@torch.library.register_fake("sn_cuda::normalize_backward", lib=_lib)
 def _(grads, grad_sigmas, w_sn, sigmas, uv, dims):
     return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in w_sn]
 
 
-# ----------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    weights, sigmas, uv, dims = inputs
-    w_sn, _ = output
-    ctx.dims = list(dims)
-    ctx.n = len(weights)
-    ctx.save_for_backward(sigmas, uv, *w_sn, *weights)
+# ------------------------------------------------------- in-place bookkeeping, autograd
+def _power_iteration_inplace(keyset, weights, us, vs, *args):
+    # u and v change in place: bump their version counters, so that autograd refuses a
+    # backward through a graph that saved their old values.
+    torch.autograd.graph.increment_version(us)
+    torch.autograd.graph.increment_version(vs)
+    return power_iteration_op.redispatch(
+        keyset & torch._C._after_ADInplaceOrView_keyset, weights, us, vs, *args
+    )
 
 
-def _backward(ctx, grads_w_sn, grad_sigmas):
-    sigmas, uv, *rest = ctx.saved_tensors
-    w_sn, weights = rest[: ctx.n], rest[ctx.n :]
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads_w_sn, w_sn)]
-    if torch.is_grad_enabled():
-        # create_graph=True (gradient penalties): a differentiable formula in plain torch ops,
-        # with σ recomputed from the saved weights so that second derivatives reach W.
-        us, vs = _split_uv(uv, [w.shape for w in weights], ctx.dims)
-        if grad_sigmas is None:
-            grad_sigmas = torch.zeros_like(sigmas)
-        d_sigmas, d_w_sn = [], []
-        for w, u, v, dim in zip(weights, us, vs, ctx.dims):
-            s = torch.vdot(u, torch.mv(reference.weight_matrix(w.to(uv.dtype), dim), v))
-            d_sigmas.append(s)
-            d_w_sn.append(w / s.to(w.dtype))
-        grad_weights = reference.spectral_norm_backward(
-            grads, grad_sigmas.unbind(0), d_w_sn, d_sigmas, us, vs, ctx.dims
+_lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
+
+
+class _Normalize(torch.autograd.Function):
+    """Autograd of ``normalize``: the gradient of W/σ(W), σ(W) = u·W v (u, v constants)."""
+
+    @staticmethod
+    def forward(ctx, keyset, sigmas, uv, dims, *weights):
+        w_sn, sigma_out = normalize_op.redispatch(
+            keyset & torch._C._after_autograd_keyset, list(weights), sigmas, uv, dims
         )
-    else:
-        grad_weights = normalize_backward_op(grads, grad_sigmas, list(w_sn), sigmas, uv, ctx.dims)
-    return grad_weights, None, None, None
+        ctx.dims = list(dims)
+        ctx.n = len(weights)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(sigmas, uv, *w_sn, *weights)
+        return (*w_sn, sigma_out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads_w_sn, grad_sigmas = grads[:-1], grads[-1]
+        sigmas, uv, *rest = ctx.saved_tensors
+        w_sn, weights = rest[: ctx.n], rest[ctx.n :]
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads_w_sn, w_sn)]
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties): a differentiable formula in plain torch
+            # ops, with σ recomputed from the saved weights so second derivatives reach W.
+            us, vs = _split_uv(uv, [w.shape for w in weights], ctx.dims)
+            if grad_sigmas is None:
+                grad_sigmas = torch.zeros_like(sigmas)
+            d_sigmas, d_w_sn = [], []
+            for w, u, v, dim in zip(weights, us, vs, ctx.dims):
+                s = torch.vdot(u, torch.mv(reference.weight_matrix(w.to(uv.dtype), dim), v))
+                d_sigmas.append(s)
+                d_w_sn.append(w / s.to(w.dtype))
+            grad_weights = reference.spectral_norm_backward(
+                grads, grad_sigmas.unbind(0), d_w_sn, d_sigmas, us, vs, ctx.dims
+            )
+        else:
+            grad_weights = normalize_backward_op(grads, grad_sigmas, list(w_sn), sigmas, uv, ctx.dims)
+        return (None, None, None, None, *grad_weights)
 
 
-normalize_op.register_autograd(_backward, setup_context=_setup_context)
+def _normalize_autograd(keyset, weights, sigmas, uv, dims):
+    *w_sn, sigma_out = _Normalize.apply(keyset, sigmas, uv, dims, *weights)
+    return w_sn, sigma_out
+
+
+_lib.impl("normalize", _normalize_autograd, "Autograd", with_keyset=True)
 
 
 # ------------------------------------------------------------------- what modules call
