@@ -72,9 +72,10 @@ def _uv_numel(weights: Sequence[Tensor], dims: Sequence[int]) -> int:
 # ------------------------------------------------------------------------ definitions
 # The ops are defined with torch.library's low-level API rather than torch.library.custom_op:
 # custom_op's generic wrappers (pytree over the tensor lists, a Python ADInplaceOrView kernel,
-# a generic autograd.Function) cost ~45 µs of host time per call at 11 layers and ~130 µs at
-# 64 (bench/dispatch_floor.py), more than the fused kernels themselves. Here each key does only
-# what these ops need. The schemas are the contract with csrc/ (TORCH_LIBRARY_IMPL).
+# a generic autograd.Function) add host time on every call that grows with the layer count
+# (bench/RESULTS.md: a step's boundary cost went from 363 to 273 µs at 11 layers, 1328 to
+# 995 µs at 64, kernels excluded). Here each dispatch key does only what these ops need. The
+# schemas are the contract with csrc/ (TORCH_LIBRARY_IMPL(sn_cuda, CUDA)).
 _lib = torch.library.Library("sn_cuda", "FRAGMENT")
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 _lib.define(
