@@ -43,7 +43,8 @@ _TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralN
 class _Layer:
     """One spectral-normalized tensor: where its weight, u, v live and which object computes it."""
 
-    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "torch_class")
+    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "torch_class",
+                 "params", "wkey", "buffers", "ukey", "vkey", "mode")
 
     def __init__(self, name, module, sn, param_flavour, plist=None):
         self.name = name  # qualified name, "" for the root
@@ -52,13 +53,20 @@ class _Layer:
         self.param_flavour = param_flavour
         self.plist = plist  # ParametrizationList (parametrization flavour)
         self.torch_class = None  # class to restore on remove(), when torch's
+        # Where the hot path finds weight, u and v: the modules' own dicts (they stay the
+        # same objects through .to(), load_state_dict and optimizer steps), and the keys.
+        if param_flavour:
+            self.params, self.wkey = plist._parameters, "original"
+            self.buffers, self.ukey, self.vkey = sn._buffers, "_u", "_v"
+            self.mode = sn  # train()/eval() reach the parametrization module
+        else:
+            self.params, self.wkey = module._parameters, sn.name + "_orig"
+            self.buffers, self.ukey, self.vkey = module._buffers, sn.name + "_u", sn.name + "_v"
+            self.mode = module  # the hook iterates when its module is training
 
     def tensors(self):
-        """(weight, u, v) by direct dict access: the hot path does this for every layer."""
-        if self.param_flavour:
-            return self.plist._parameters["original"], self.sn._buffers["_u"], self.sn._buffers["_v"]
-        name, m = self.sn.name, self.module
-        return m._parameters[name + "_orig"], m._buffers[name + "_u"], m._buffers[name + "_v"]
+        """(weight, u, v) of this layer, by direct dict access."""
+        return self.params[self.wkey], self.buffers[self.ukey], self.buffers[self.vkey]
 
 
 def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
@@ -126,18 +134,17 @@ class BatchHandle:
             return
         groups: dict = {}
         for layer, static in zip(self.layers, self._static_keys):
-            weight, u, v = layer.tensors()
-            training = layer.sn.training if layer.param_flavour else layer.module.training
-            key = (weight.device, weight.dtype, training) + static
+            weight = layer.params[layer.wkey]
+            key = (weight.device, weight.dtype, layer.mode.training, static)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ([], [], [], [], [])
             group[0].append(weight)
-            group[1].append(u)
-            group[2].append(v)
+            group[1].append(layer.buffers[layer.ukey])
+            group[2].append(layer.buffers[layer.vkey])
             group[3].append(layer.sn.dim)
             group[4].append(layer)
-        for (_, _, training, param_flavour, n_iter, eps), (ws, us, vs, dims, layers) in groups.items():
+        for (_, _, training, (param_flavour, n_iter, eps)), (ws, us, vs, dims, layers) in groups.items():
             w_sn, sig = ops.spectral_norm(ws, us, vs, dims, param_flavour, n_iter, eps, training)
             sig = sig.detach()
             # Straight into the instance dicts: nn.Module.__setattr__ costs ~2 µs a call, per layer.
