@@ -2,14 +2,21 @@
 
 In this process the three ``sn_cuda`` ops get CPU kernels that do nothing (they only allocate
 their outputs), and ``sn_cuda.ops.spectral_norm`` is told to take the op path on the CPU. A
-forward + backward then costs exactly what the boundary adds around the kernels: argument
-handling, dispatch, the in-place bookkeeping, autograd. The no-op kernels are Python, so this
-is an upper bound of the boundary's cost with the compiled CUDA kernels.
+forward + backward then costs what the boundary adds around the kernels: argument handling,
+dispatch, the in-place bookkeeping, autograd. The no-op kernels are Python, so this is an
+upper bound of the boundary's cost with the compiled CUDA kernels.
+
+Each step starts with the weights' ``.grad`` set to None (``zero_grad()``'s default), and the
+``autograd floor`` column is ``torch.autograd.backward`` straight into the weights: what
+autograd costs to deliver that many leaves' gradients whatever computes W/σ (a model without
+SN pays it too). The difference is what sn_cuda's boundary itself costs. Medians of 7 blocks; the machine's
+noise is visible in the spread between runs, so compare columns of one run.
 
 Compare with issue 4's targets (a whole SN step of an 11-layer SNGAN D in <= 50 µs).
 Run: ``python bench/dispatch_floor.py`` (host time: a CPU is enough).
 """
 
+import statistics
 import time
 
 import torch
@@ -32,23 +39,38 @@ def _install_noop_kernels(lib: torch.library.Library) -> None:
         lib.impl(name, fn, "CPU")
 
 
-def step_us(layers: int, repeats: int = 300) -> float:
+def _median_us(step, repeats: int = 200, blocks: int = 7) -> float:
+    for _ in range(30):
+        step()
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        times.append((time.perf_counter() - start) / repeats * 1e6)
+    return statistics.median(times)
+
+
+def step_us(layers: int) -> tuple[float, float]:
+    """(sn_cuda's step, the autograd floor) in µs for ``layers`` layers."""
     weights = [torch.randn(2, 2, requires_grad=True) for _ in range(layers)]
     us = [torch.randn(2) for _ in range(layers)]
     vs = [torch.randn(2) for _ in range(layers)]
     dims = [0] * layers
     grads = [torch.ones(2, 2) for _ in range(layers)]
 
-    def step():
+    def sn_step():
+        for w in weights:
+            w.grad = None
         w_sn, _ = ops.spectral_norm(weights, us, vs, dims, True, 1, 1e-12, True)
         torch.autograd.backward(w_sn, grads)
 
-    for _ in range(30):
-        step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats * 1e6
+    def floor_step():
+        for w in weights:
+            w.grad = None
+        torch.autograd.backward(weights, grads)
+
+    return _median_us(sn_step), _median_us(floor_step)
 
 
 if __name__ == "__main__":
@@ -56,5 +78,8 @@ if __name__ == "__main__":
     lib = torch.library.Library("sn_cuda", "IMPL")
     _install_noop_kernels(lib)
     ops.uses_kernels = lambda weight: True  # this process only: take the op path on the CPU
+    print("| layers | sn_cuda step | autograd floor | boundary (difference) |")
+    print("|---:|---:|---:|---:|")
     for n in (1, 11, 23, 64):
-        print(f"{n:3d} layers: {step_us(n):7.1f} us host time per forward+backward (no-op kernels)")
+        sn, floor = step_us(n)
+        print(f"| {n} | {sn:.1f} µs | {floor:.1f} µs | {sn - floor:.1f} µs |")

@@ -18,8 +18,9 @@ cmake -S . -B build/cmake "${generator[@]}" \
   -DPython3_EXECUTABLE="$PYTHON" -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
 cmake --build build/cmake --parallel "${MAX_JOBS:-2}"
 
-# The module loads and registers a CUDA kernel for each op (no GPU needed). SN_CUDA_DISABLE keeps
-# sn_cuda from loading the pip-built module as well; importing sn_cuda defines the op schemas.
+# The module loads and registers a CUDA kernel for each op, normalize's autograd and
+# power_iteration's ADInplaceOrView kernel (no GPU needed). SN_CUDA_DISABLE keeps sn_cuda from
+# loading the pip-built module as well; importing sn_cuda defines the op schemas.
 module="$(ls build/cmake/_C.*.so)"
 SN_CUDA_DISABLE=1 "$PYTHON" - "$module" <<'PY'
 import importlib.util
@@ -31,9 +32,14 @@ spec = importlib.util.spec_from_file_location("sn_cuda._C", sys.argv[1])
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
 import sn_cuda  # noqa: E402,F401  (the schemas, checked against the registered kernels)
 
-ops = ["power_iteration", "normalize", "normalize_backward"]
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_cuda::{op}", "CUDA")]
+expected = [(op, "CUDA", f"{op}.cu") for op in ("power_iteration", "normalize", "normalize_backward")]
+expected += [("normalize", "Autograd[alias]", "autograd.cpp"), ("power_iteration", "ADInplaceOrView", "autograd.cpp")]
+missing = [
+    f"{op} {key}" for op, key, source in expected
+    if not any(line.startswith(f"{key}:") and source in line
+               for line in torch._C._dispatch_dump(f"sn_cuda::{op}").splitlines())
+]
 if missing:
-    sys.exit(f"{sys.argv[1]}: no CUDA kernel registered for {missing}")
-print(f"{sys.argv[1]}: CUDA kernels registered for {', '.join(ops)}")
+    sys.exit(f"{sys.argv[1]}: no kernel registered from csrc for {missing}")
+print(f"{sys.argv[1]}: kernels registered: {', '.join(f'{op} {key}' for op, key, _ in expected)}")
 PY

@@ -1,9 +1,11 @@
-"""The op boundary: sn_cuda's dispatcher ops, their fake kernels and their autograd.
+"""The op boundary: sn_cuda's dispatcher ops and their fake kernels.
 
 Three ops live in the ``sn_cuda`` namespace. Their schemas are defined here, so that the ops
 exist (and torch.compile traces them) whether or not the compiled extension is installed; the
-default implementation of each is the pure-torch reference (any device), and the extension
-(``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors.
+default implementation of each is the pure-torch reference (any device). The extension
+(``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors,
+and, for every device, normalize's autograd and power_iteration's version bump, in C++
+(``csrc/autograd.cpp``).
 All layers of one call share one device and one dtype (``sn_cuda.batch`` groups them).
 
 ``power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
@@ -28,6 +30,7 @@ Tensor uv, int[] dims) -> Tensor[]``
 
 ``spectral_norm`` at the bottom is what the modules and the batching layer call: the two ops
 when the kernels can run the weights, the reference (plain torch autograd) otherwise.
+Without the extension, normalize has no autograd and is not called.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_cols(shape: Sequence[int], dim: int) -> tuple[int, int]:
-    return shape[dim], math.prod(s for i, s in enumerate(shape) if i != dim)
+    # math.prod over slices, not a generator: dynamo traces this (compile without the extension).
+    return shape[dim], math.prod(shape[:dim]) * math.prod(shape[dim + 1 :])
 
 
 def _split_uv(uv: Tensor, shapes: Sequence[Sequence[int]], dims: Sequence[int]):
@@ -160,6 +164,10 @@ def _(grads, grad_sigmas, w_sn, sigmas, uv, dims):
 
 
 # ------------------------------------------------------- in-place bookkeeping, autograd
+# The compiled extension registers both in C++ (csrc/autograd.cpp): an ADInplaceOrView kernel
+# for power_iteration and normalize's autograd, whose Python versions cost measured host time
+# on every forward (bench/RESULTS.md). Without them, normalize is not called (W/σ is taken in
+# plain torch ops, see spectral_norm) and only the version bump is needed, registered here.
 def _power_iteration_inplace(keyset, weights, us, vs, *args):
     # u and v change in place: bump their version counters, so that autograd refuses a
     # backward through a graph that saved their old values.
@@ -170,54 +178,13 @@ def _power_iteration_inplace(keyset, weights, us, vs, *args):
     )
 
 
-_lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_cuda::{op}", key)
 
 
-class _Normalize(torch.autograd.Function):
-    """Autograd of ``normalize``: the gradient of W/σ(W), σ(W) = u·W v (u, v constants)."""
-
-    @staticmethod
-    def forward(ctx, keyset, sigmas, uv, dims, *weights):
-        w_sn, sigma_out = normalize_op.redispatch(
-            keyset & torch._C._after_autograd_keyset, list(weights), sigmas, uv, dims
-        )
-        ctx.dims = list(dims)
-        ctx.n = len(weights)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(sigmas, uv, *w_sn, *weights)
-        return (*w_sn, sigma_out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads_w_sn, grad_sigmas = grads[:-1], grads[-1]
-        sigmas, uv, *rest = ctx.saved_tensors
-        w_sn, weights = rest[: ctx.n], rest[ctx.n :]
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads_w_sn, w_sn)]
-        if torch.is_grad_enabled():
-            # create_graph=True (gradient penalties): a differentiable formula in plain torch
-            # ops, with σ recomputed from the saved weights so second derivatives reach W.
-            us, vs = _split_uv(uv, [w.shape for w in weights], ctx.dims)
-            if grad_sigmas is None:
-                grad_sigmas = torch.zeros_like(sigmas)
-            d_sigmas, d_w_sn = [], []
-            for w, u, v, dim in zip(weights, us, vs, ctx.dims):
-                s = torch.vdot(u, torch.mv(reference.weight_matrix(w.to(uv.dtype), dim), v))
-                d_sigmas.append(s)
-                d_w_sn.append(w / s.to(w.dtype))
-            grad_weights = reference.spectral_norm_backward(
-                grads, grad_sigmas.unbind(0), d_w_sn, d_sigmas, us, vs, ctx.dims
-            )
-        else:
-            grad_weights = normalize_backward_op(grads, grad_sigmas, list(w_sn), sigmas, uv, ctx.dims)
-        return (None, None, None, None, *grad_weights)
-
-
-def _normalize_autograd(keyset, weights, sigmas, uv, dims):
-    *w_sn, sigma_out = _Normalize.apply(keyset, sigmas, uv, dims, *weights)
-    return w_sn, sigma_out
-
-
-_lib.impl("normalize", _normalize_autograd, "Autograd", with_keyset=True)
+if not _has_kernel("power_iteration", "ADInplaceOrView"):
+    _lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
+_NORMALIZE_HAS_AUTOGRAD = _has_kernel("normalize", "Autograd")
 
 
 # ------------------------------------------------------------------- what modules call
@@ -242,14 +209,13 @@ def spectral_norm(
     ``(w_sn, sigmas)``: the list of W/σ and a 1-D tensor of the σ's, both differentiable with
     respect to the weights.
     """
-    # Under torch.compile the ops are taken on every device (their default implementation is
-    # the reference): traced inline, the reference's in-place update of u, v lets inductor's
+    # Under torch.compile power_iteration is taken on every device (its default implementation
+    # is the reference): traced inline, the reference's in-place update of u, v lets inductor's
     # partitioner recompute σ's vectors in the backward from the already-updated buffers
     # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
     # same problem, torch 2.14). The op keeps the update opaque to it.
-    if uses_kernels(weights[0]) or (
-        torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
-    ):
+    compiling = torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
+    if uses_kernels(weights[0]) or compiling:
         weights, dims = list(weights), list(dims)
         # range() in the reference raises this TypeError for a float; the schema's would differ.
         n_power_iterations = int(operator.index(n_power_iterations))
@@ -257,7 +223,11 @@ def spectral_norm(
             sigmas, uv = power_iteration_op(
                 weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training
             )
-        return normalize_op(weights, sigmas, uv, dims)
+        if _NORMALIZE_HAS_AUTOGRAD:
+            return normalize_op(weights, sigmas, uv, dims)
+        # normalize's autograd is compiled code: without it, W/σ from the snapshot in torch ops.
+        us, vs = _split_uv(uv, [w.shape for w in weights], dims)
+        training = False  # the snapshot holds the vectors σ uses: no further iteration
     w_sn, sigmas = reference.spectral_norm(
         weights, us, vs, dims, u_first, n_power_iterations, eps, training
     )

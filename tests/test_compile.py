@@ -19,6 +19,10 @@ GPU the tests run with inductor.
 """
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -137,3 +141,23 @@ def test_deepcopy_of_a_compiled_training_forward():
     ema = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(ema(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_without_the_extension():
+    # Without the compiled extension normalize has no autograd kernel (csrc/autograd.cpp):
+    # under compile the path is power_iteration's op, then W/σ in torch ops. A fresh
+    # interpreter with SN_CUDA_DISABLE=1 runs the checks above there (one torch import).
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_compile, sn_cuda._extension as ext
+        assert not ext.LOADED, ext.LOAD_REASON
+        for flavour, batched in test_compile.CASES:
+            test_compile.run_compile_check(flavour, batched, "cpu", "aot_eager", dict(rtol=1e-5, atol=1e-6))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, SN_CUDA_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]

@@ -1,5 +1,6 @@
 """The compiled extension sn_cuda._C: it loads, and importing it registers a CUDA kernel for
-each of the three ops (no GPU needed: registration happens when the library loads).
+each of the three ops, normalize's autograd and power_iteration's in-place bookkeeping (no
+GPU needed: registration happens when the library loads).
 
 Skipped where the extension is not built, unless SN_CUDA_REQUIRE_EXTENSION=1 (CI sets it,
 after a forced build): then a missing or broken extension fails.
@@ -16,6 +17,11 @@ import torch
 from sn_cuda import _extension
 
 OPS = ["power_iteration", "normalize", "normalize_backward"]
+# (op, dispatch key as _dispatch_dump names it, the csrc file that registers it)
+REGISTRATIONS = [(op, "CUDA", f"{op}.cu") for op in OPS] + [
+    ("normalize", "Autograd[alias]", "autograd.cpp"),
+    ("power_iteration", "ADInplaceOrView", "autograd.cpp"),
+]
 REQUIRED = os.environ.get("SN_CUDA_REQUIRE_EXTENSION", "") not in ("", "0")
 BUILT = importlib.util.find_spec("sn_cuda._C") is not None
 DISABLED = os.environ.get("SN_CUDA_DISABLE", "") not in ("", "0")
@@ -42,14 +48,14 @@ def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sn_cuda::{op}", "CUDA"), op
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_the_cuda_kernel_comes_from_csrc(op):
-    # One CUDA kernel, the extension's, registered from csrc/cuda/<op>.cu.
+@pytest.mark.parametrize("op, key, source", REGISTRATIONS, ids=[f"{o}-{k}" for o, k, _ in REGISTRATIONS])
+def test_the_kernel_comes_from_csrc(op, key, source):
+    # One kernel for the key, the extension's (not a Python one registered over it).
     _need_loaded_extension()
     dump = torch._C._dispatch_dump(f"sn_cuda::{op}")
-    cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA:")]
-    assert len(cuda_lines) == 1, dump
-    assert f"{op}.cu" in cuda_lines[0], cuda_lines[0]
+    lines = [line for line in dump.splitlines() if line.startswith(f"{key}:")]
+    assert len(lines) == 1, dump
+    assert source in lines[0], lines[0]
 
 
 def test_backend_reports_the_extension():
