@@ -1,10 +1,10 @@
 """Host time of sn_cuda's op boundary with the kernels taken out.
 
-In this process the three ``sn_cuda`` ops get CPU kernels that do nothing (they only allocate
-their outputs), and ``sn_cuda.ops.spectral_norm`` is told to take the op path on the CPU. A
-forward + backward then costs what the boundary adds around the kernels: argument handling,
-dispatch, the in-place bookkeeping, autograd. The no-op kernels are Python, so this is an
-upper bound of the boundary's cost with the compiled CUDA kernels.
+In this process the three ``sn_cuda`` ops get CPU kernels that do nothing but allocate their
+outputs, compiled C++ like the CUDA kernels (built on first use with torch's
+``cpp_extension.load_inline``, about a minute, then cached), and ``sn_cuda.ops.spectral_norm``
+is told to take the op path on the CPU. A forward + backward then costs what the boundary adds
+around the kernels: argument handling, dispatch, the in-place bookkeeping, autograd.
 
 Each step starts with the weights' ``.grad`` set to None (``zero_grad()``'s default), and the
 ``autograd floor`` column is ``torch.autograd.backward`` straight into the weights: what
@@ -24,19 +24,42 @@ import torch
 from sn_cuda import ops
 
 
-def _install_noop_kernels(lib: torch.library.Library) -> None:
-    def power_iteration(weights, us, vs, dims, u_first, n, eps, training):
-        return weights[0].new_empty(len(weights)), weights[0].new_empty(1)
+_NOOP_KERNELS = r"""
+#include <torch/library.h>
 
-    def normalize(weights, sigmas, uv, dims):
-        return [torch.empty_like(w) for w in weights], torch.empty_like(sigmas)
+namespace {
+std::tuple<at::Tensor, at::Tensor> power_iteration(
+    at::TensorList weights, at::TensorList, at::TensorList, c10::SymIntArrayRef, bool, c10::SymInt,
+    double, bool) {
+  return {at::empty({int64_t(weights.size())}, weights[0].options()), at::empty({1}, weights[0].options())};
+}
+std::tuple<std::vector<at::Tensor>, at::Tensor> normalize(
+    at::TensorList weights, const at::Tensor& sigmas, const at::Tensor&, c10::SymIntArrayRef) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& w : weights) out.push_back(at::empty_like(w));
+  return {out, at::empty_like(sigmas)};
+}
+std::vector<at::Tensor> normalize_backward(
+    at::TensorList grads, const std::optional<at::Tensor>&, at::TensorList, const at::Tensor&,
+    const at::Tensor&, c10::SymIntArrayRef) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& g : grads) out.push_back(at::empty_like(g));
+  return out;
+}
+}  // namespace
 
-    def normalize_backward(grads, grad_sigmas, w_sn, sigmas, uv, dims):
-        return [torch.empty_like(g) for g in grads]
+TORCH_LIBRARY_IMPL(sn_cuda, CPU, m) {
+  m.impl("power_iteration", &power_iteration);
+  m.impl("normalize", &normalize);
+  m.impl("normalize_backward", &normalize_backward);
+}
+"""
 
-    for name, fn in (("power_iteration", power_iteration), ("normalize", normalize),
-                     ("normalize_backward", normalize_backward)):
-        lib.impl(name, fn, "CPU")
+
+def _install_noop_kernels() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    load_inline("sn_cuda_noop_kernels", cpp_sources=[_NOOP_KERNELS], is_python_module=False)
 
 
 def _median_us(step, repeats: int = 200, blocks: int = 7) -> float:
@@ -75,8 +98,7 @@ def step_us(layers: int) -> tuple[float, float]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    lib = torch.library.Library("sn_cuda", "IMPL")
-    _install_noop_kernels(lib)
+    _install_noop_kernels()
     ops.uses_kernels = lambda weight: True  # this process only: take the op path on the CPU
     print("| layers | sn_cuda step | autograd floor | boundary (difference) |")
     print("|---:|---:|---:|---:|")

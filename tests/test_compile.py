@@ -127,6 +127,7 @@ def test_inductor_training_steps_match_eager():
 
 
 @pytest.mark.cuda
+@pytest.mark.slow  # inductor compiles for every case: scripts/gpu_check.sh runs these second
 @pytest.mark.parametrize("flavour, batched", CASES, ids=IDS)
 def test_fullgraph_training_steps_match_eager_cuda(flavour, batched):
     run_compile_check(flavour, batched, "cuda", "inductor", dict(rtol=1e-4, atol=1e-5))
