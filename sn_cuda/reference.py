@@ -58,6 +58,13 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    # Older torch's dynamo (2.9.1 at least) cannot trace torch._C._is_autocast_available
+    # (a fullgraph error); the answer is constant for a device type, so compile bakes it in.
+    return torch.amp.is_autocast_available(device_type)
+
+
 def no_autocast(device: torch.device):
     """A context that turns autocast off on ``device`` (a no-op when it is not on).
 
@@ -65,7 +72,7 @@ def no_autocast(device: torch.device):
     own flavours run power iteration in float16. sn_cuda's arithmetic is the same inside and
     outside autocast (the kernels ignore it too); only what the model does with W/σ is cast.
     """
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if _autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "layer_table.h"
 
@@ -105,5 +106,27 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T val[N];
 };
+
+// A Pack's 16-byte load and store, as the vector instructions themselves (__ldg / __stcg on
+// uint4). A plain struct copy (`*(V*)p = v`), or even a uint4 assignment, compiled to one scalar
+// access per element for every store and for the loads of 2-byte types (nvcc 13.0, sm_90
+// PTX: the aligned path's stores were split to match the scalar tail path beside them).
+// `src`/`dst` must be 16-byte aligned; `src` must not be written during the kernel.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* src) {
+  static_assert(sizeof(Pack<T, N>) == sizeof(uint4), "16-byte packs only");
+  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(src));
+  Pack<T, N> v;
+  memcpy(&v, &bits, sizeof(bits));
+  return v;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, N>& v) {
+  static_assert(sizeof(Pack<T, N>) == sizeof(uint4), "16-byte packs only");
+  uint4 bits;
+  memcpy(&bits, &v, sizeof(bits));
+  __stcg(reinterpret_cast<uint4*>(dst), bits);
+}
 
 }  // namespace sn_cuda

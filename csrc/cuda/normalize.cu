@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) divide_kernel(
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
       const int64_t e = base + int64_t{k} * kThreads * kVec;
-      if (L.aligned && e + kVec <= L.numel) x[k] = *reinterpret_cast<const V*>(in + e);
+      if (L.aligned && e + kVec <= L.numel) x[k] = load_pack<T, kVec>(in + e);
     }
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) divide_kernel(
         V y;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) y.val[i] = static_cast<T>(static_cast<A>(x[k].val[i]) / sigma);
-        *reinterpret_cast<V*>(out + e) = y;
+        store_pack(out + e, y);
       } else {  // misaligned layer or the layer's tail: element by element
         for (int i = 0; i < kVec && e + i < L.numel; ++i) {
           out[e + i] = static_cast<T>(static_cast<A>(in[e + i]) / sigma);

@@ -79,8 +79,8 @@ __global__ void __launch_bounds__(kThreads) grad_dot_kernel(
     for (int k = 0; k < kElementUnroll; ++k) {
       const int64_t e = base + int64_t{k} * kThreads * kVec;
       if (L.aligned && e + kVec <= L.numel) {
-        gx[k] = *reinterpret_cast<const V*>(g + e);
-        wx[k] = *reinterpret_cast<const V*>(w + e);
+        gx[k] = load_pack<T, kVec>(g + e);
+        wx[k] = load_pack<T, kVec>(w + e);
       }
     }
     A part = 0;
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) grad_weight_kernel(
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
       const int64_t e = base + int64_t{k} * kThreads * kVec;
-      if (L.aligned && e + kVec <= L.numel) gx[k] = *reinterpret_cast<const V*>(g + e);
+      if (L.aligned && e + kVec <= L.numel) gx[k] = load_pack<T, kVec>(g + e);
     }
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) grad_weight_kernel(
           y.val[i] = static_cast<T>((static_cast<A>(gx[k].val[i]) - coef * rank_one) / sigma);
           idx.next(L.rows, L.post);
         }
-        *reinterpret_cast<V*>(out + e) = y;
+        store_pack(out + e, y);
       } else {  // misaligned layer or the layer's tail: element by element
         for (int i = 0; i < kVec && e + i < L.numel; ++i) {
           const A rank_one = u[idx.r] * v[idx.p * L.post + idx.q];
