@@ -162,3 +162,22 @@ def test_errors_are_torchs_and_leave_the_module_alone(case):
             if not isinstance(value, nn.parameter.UninitializedParameter):
                 assert torch.equal(m.state_dict()[key], value), key
     assert errors[1] == errors[0]
+
+
+def test_a_module_that_overrides_setattr_sees_the_weight_set():
+    # The hook writes W/σ into the module's __dict__ directly (nn.Module.__setattr__'s checks
+    # cost per layer per forward), unless the module's class has its own __setattr__.
+    class Recording(nn.Linear):
+        def __setattr__(self, name, value):
+            if name == "weight":
+                self.__dict__.setdefault("seen", []).append(value)
+            super().__setattr__(name, value)
+
+    torch.manual_seed(0)
+    plain, recording = spectral_norm(nn.Linear(4, 3)), None
+    torch.manual_seed(0)
+    recording = spectral_norm(Recording(4, 3))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(recording(x), plain(x), rtol=0, atol=0)
+    assert recording.seen and recording.seen[-1] is recording.weight
+    assert "weight" not in plain._parameters and "weight" in plain.__dict__
