@@ -6,10 +6,12 @@ outputs, compiled C++ like the CUDA kernels (built on first use with torch's
 is told to take the op path on the CPU. A forward + backward then costs what the boundary adds
 around the kernels: argument handling, dispatch, the in-place bookkeeping, autograd.
 
-Each step starts with the weights' ``.grad`` set to None (``zero_grad()``'s default), and the
-``autograd floor`` column is ``torch.autograd.backward`` straight into the weights: what
-autograd costs to deliver that many leaves' gradients whatever computes W/σ (a model without
-SN pays it too). The difference is what sn_cuda's boundary itself costs. Medians of 7 blocks; the machine's
+Each step starts with the weights' ``.grad`` set to None (``zero_grad()``'s default); the
+backward goes straight to autograd's engine, as the bench's steps do (``backward_into``:
+``torch.autograd.backward``'s Python checks of each gradient are no cost of SN). The
+``autograd floor`` column is that backward straight into the weights: what autograd costs to
+deliver that many leaves' gradients whatever computes W/σ (a model without SN pays it too).
+The difference is what sn_cuda's boundary itself costs. Medians of 7 blocks; the machine's
 noise is visible in the spread between runs, so compare columns of one run.
 
 Compare with issue 4's targets (a whole SN step of an 11-layer SNGAN D in <= 50 µs).
@@ -22,6 +24,7 @@ import time
 import torch
 
 from sn_cuda import ops
+from sn_cuda.bench.run import backward_into
 
 
 _NOOP_KERNELS = r"""
@@ -80,18 +83,18 @@ def step_us(layers: int) -> tuple[float, float]:
     us = [torch.randn(2) for _ in range(layers)]
     vs = [torch.randn(2) for _ in range(layers)]
     dims = [0] * layers
-    grads = [torch.ones(2, 2) for _ in range(layers)]
+    grads = tuple(torch.ones(2, 2) for _ in range(layers))
 
     def sn_step():
         for w in weights:
             w.grad = None
         w_sn, _ = ops.spectral_norm(weights, us, vs, dims, True, 1, 1e-12, True)
-        torch.autograd.backward(w_sn, grads)
+        backward_into(w_sn, grads)
 
     def floor_step():
         for w in weights:
             w.grad = None
-        torch.autograd.backward(weights, grads)
+        backward_into(weights, grads)
 
     return _median_us(sn_step), _median_us(floor_step)
 

@@ -17,7 +17,7 @@ import torch
 
 from sn_cuda.__main__ import main as dispatch
 from sn_cuda.bench import cli, methods, report, suites
-from sn_cuda.bench.run import prepare_suite_step, suite_grads
+from sn_cuda.bench.run import backward_into, prepare_suite_step, suite_grads
 from sn_cuda.bench.sngan import ResDiscriminator32, make_train_step, sn_layers
 from sn_cuda.bench.timing import measure
 from sn_cuda.parametrization import default_dim
@@ -257,6 +257,22 @@ def test_every_method_computes_the_same_step():
         if method in results:
             for got, want in zip(results[method], results["torch_param"]):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_backward_into_is_torch_autograd_backward():
+    # The harness's backward skips torch.autograd.backward's Python checks, nothing else.
+    torch.manual_seed(0)
+    leaves = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    grads = (torch.randn(3, 4), torch.randn(5))
+
+    def outputs():
+        return [leaves[0].sin() * 2, leaves[1].exp()]
+
+    torch.autograd.backward(outputs(), list(grads))
+    want = [p.grad.clone() for p in leaves]
+    backward_into(outputs(), grads)  # accumulates, as the step does before zero_grads()
+    for p, w in zip(leaves, want):
+        torch.testing.assert_close(p.grad, 2 * w, rtol=0, atol=0)
 
 
 def test_end_to_end_methods_train_alike_on_cpu():
