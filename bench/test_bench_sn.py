@@ -42,7 +42,8 @@ def test_sn_step(benchmark, suite_name, method, bench_device, bench_dtype, round
     benchmark.group = suite_name
     benchmark.extra_info.update(layers=len(suite.layers), params=suite.numel, bytes_per_step=nbytes)
     benchmark.pedantic(_synchronized(prepared.step, bench_device), setup=setup, iterations=1, **rounds)
-    benchmark.extra_info["gbps_at_median"] = nbytes / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable (one untimed run)
+        benchmark.extra_info["gbps_at_median"] = nbytes / benchmark.stats.stats.median / 1e9
     # The last timed step ran after a zero_grads(): it must have reached every original weight.
     assert all(p.grad is not None for p in prepared.params)
 
