@@ -63,9 +63,12 @@ variable_list differentiable_backward(
   int64_t offset = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor w = weights[i].to(uv.scalar_type());
-    const int64_t dim = dims[i].guard_int(__FILE__, __LINE__);
+    const int64_t dim = c10::maybe_wrap_dim(dims[i].guard_int(__FILE__, __LINE__), w.dim());
     const int64_t rows = w.size(dim);
-    const int64_t cols = rows == 0 ? 0 : w.numel() / rows;
+    int64_t cols = 1;  // the product of the other sizes (numel / rows is wrong when rows == 0)
+    for (int64_t d = 0; d < w.dim(); ++d) {
+      if (d != dim) cols *= w.size(d);
+    }
     const at::Tensor moved = w.movedim(dim, 0);  // the matrix weight_matrix() builds, as a view
     const at::Tensor u = uv.narrow(0, offset, rows);
     const at::Tensor v = uv.narrow(0, offset + rows, cols);
@@ -147,8 +150,14 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_inplace(
     c10::DispatchKeySet keys, at::TensorList weights, at::TensorList us, at::TensorList vs,
     c10::SymIntArrayRef dims, bool u_first, c10::SymInt n_power_iterations, double eps,
     bool training) {
-  for (const at::Tensor& t : us) torch::autograd::impl::bump_version(t);
-  for (const at::Tensor& t : vs) torch::autograd::impl::bump_version(t);
+  // Inference tensors have no version counter (torch.autograd.graph.increment_version skips
+  // them too); bumping one outside inference mode throws.
+  for (const at::Tensor& t : us) {
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
+  for (const at::Tensor& t : vs) {
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+  }
   return power_iteration_op().redispatch(
       keys & c10::after_ADInplaceOrView_keyset, weights, us, vs, dims, u_first,
       std::move(n_power_iterations), eps, training);

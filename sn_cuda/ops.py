@@ -54,6 +54,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_cols(shape: Sequence[int], dim: int) -> tuple[int, int]:
+    if dim < 0:  # as the kernels wrap it
+        dim += len(shape)
     # math.prod over slices, not a generator: dynamo traces this (compile without the extension).
     return shape[dim], math.prod(shape[:dim]) * math.prod(shape[dim + 1 :])
 

@@ -47,6 +47,8 @@ def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     The same view torch builds (dim moved to the front, the rest flattened in order), which is
     the matrix the kernels address in place as (pre, rows, post) without a copy.
     """
+    if dim < 0:  # as the kernels wrap it (the modules always pass dim >= 0)
+        dim += weight.ndim
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.ndim) if d != dim))
     # Not reshape(rows, -1), which fails when rows == 0; a 1-D weight (the hook flavour
@@ -160,6 +162,7 @@ def spectral_norm_backward(
         coeff = (g.to(acc) * wsn.to(acc)).sum() - gs.to(acc) * sigma
         rank_one = torch.outer(u.to(acc), v.to(acc))
         # Back from the (rows, cols) matrix to the weight's shape: undo weight_matrix's view.
+        dim = dim + wsn.ndim if dim < 0 else dim
         moved = (wsn.shape[dim],) + tuple(s for i, s in enumerate(wsn.shape) if i != dim)
         rank_one = rank_one.reshape(moved).movedim(0, dim)
         out.append(((g.to(acc) - coeff * rank_one) / sigma).to(g.dtype))

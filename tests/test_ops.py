@@ -32,6 +32,7 @@ CASES = {
     "mixed": [((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((5, 7), 0)],
     "conv3d_one_row": [((3, 4, 2, 2, 2), 0), ((1, 5), 0)],
     "middle_dim": [((6, 2, 3), 2), ((2, 3, 4), 1)],
+    "negative_dim": [((6, 2, 3), -1), ((4, 5), -2)],  # wrapped, as the kernels do
 }
 
 
@@ -44,6 +45,9 @@ needs_normalize_autograd = pytest.mark.skipif(
 
 # Small enough for gradgradcheck's finite differences.
 SMALL = [((3, 2, 2), 1), ((4, 3), 0)]
+# An empty layer first: its v still takes its columns' room in the packed uv (the double
+# backward once mistook it for none and read every later layer's u, v from the wrong place).
+EMPTY_FIRST = [((0, 5), 0), ((2, 0, 3), 1), ((4, 3), 0)]
 
 
 def make_layers(case, dtype=torch.float32, device="cpu", seed=0):
@@ -56,7 +60,8 @@ def make_layers(case, dtype=torch.float32, device="cpu", seed=0):
         rows = shape[dim]
         weights.append(w.to(device))
         us.append(F.normalize(torch.randn(rows, generator=gen, dtype=dtype), dim=0).to(device))
-        vs.append(F.normalize(torch.randn(w.numel() // rows, generator=gen, dtype=dtype), dim=0).to(device))
+        cols = ops._rows_cols(shape, dim)[1]
+        vs.append(F.normalize(torch.randn(cols, generator=gen, dtype=dtype), dim=0).to(device))
         dims.append(dim)
     return weights, us, vs, dims
 
@@ -178,6 +183,23 @@ def test_accumulation_dtype_for_half_weights():
     assert all(w.dtype == torch.bfloat16 for w in w_sn) and sigma_out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_power_iteration_with_inference_tensors(training, device):
+    # Buffers made under torch.inference_mode (e.g. a model moved there) have no version
+    # counter: eval reads them as torch's flavours do; training writes them, which torch
+    # refuses outside inference mode, with its own error.
+    with torch.inference_mode():
+        weights, us, vs, dims = make_layers("mixed", device=device)
+    with torch.no_grad():
+        if not training:
+            sigmas, _ = power_iteration(weights, us, vs, dims, True, 1, 1e-12, False)
+            expected = [torch.vdot(u, reference.weight_matrix(w, d) @ v) for w, u, v, d in zip(weights, us, vs, dims)]
+            torch.testing.assert_close(sigmas, torch.stack(expected))
+        else:
+            with pytest.raises(RuntimeError, match="[Ii]nference"):
+                power_iteration(weights, us, vs, dims, True, 1, 1e-12, True)
+
+
 def test_power_iteration_needs_a_layer():
     with pytest.raises(ValueError, match="at least one tensor"):
         power_iteration([], [], [], [], True, 1, 1e-12, True)
@@ -197,7 +219,7 @@ def _composed(us, vs, dims, training):
 
 
 @needs_normalize_autograd
-@pytest.mark.parametrize("case", [SMALL, "middle_dim"], ids=["small", "middle_dim"])
+@pytest.mark.parametrize("case", [SMALL, EMPTY_FIRST, "middle_dim"], ids=["small", "empty_first", "middle_dim"])
 def test_gradcheck_and_gradgradcheck_in_eval(case, device):
     # Eval mode: u, v fixed, so the composed function of W is deterministic.
     weights, us, vs, dims = make_layers(case, torch.float64, device)
@@ -205,6 +227,24 @@ def test_gradcheck_and_gradgradcheck_in_eval(case, device):
     fn = _composed(us, vs, dims, training=False)
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@needs_normalize_autograd
+@pytest.mark.parametrize("case", [SMALL, EMPTY_FIRST, "mixed"], ids=["small", "empty_first", "mixed"])
+def test_create_graph_gives_the_same_gradient(case, device):
+    # With create_graph=True the backward is a differentiable formula (for gradient penalties),
+    # not normalize_backward: its first-order values must be the same. (gradgradcheck cannot
+    # see an error here: it differentiates whatever that formula computes.)
+    weights, us, vs, dims = make_layers(case, torch.float64, device)
+    leaves = [w.requires_grad_() for w in weights]
+    fn = _composed(us, vs, dims, training=False)
+    gen = torch.Generator().manual_seed(3)
+    outs = fn(*leaves)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(device) for o in outs]
+    first = torch.autograd.grad(outs, leaves, cotangents)
+    again = torch.autograd.grad(fn(*leaves), leaves, cotangents, create_graph=True)
+    for i, (a, b) in enumerate(zip(again, first)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"layer {i}")
 
 
 @needs_normalize_autograd
