@@ -15,6 +15,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cuda/host_utils.h"
+
 namespace sn_cuda {
 namespace {
 
@@ -64,11 +66,8 @@ variable_list differentiable_backward(
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor w = weights[i].to(uv.scalar_type());
     const int64_t dim = c10::maybe_wrap_dim(dims[i].guard_int(__FILE__, __LINE__), w.dim());
-    const int64_t rows = w.size(dim);
-    int64_t cols = 1;  // the product of the other sizes (numel / rows is wrong when rows == 0)
-    for (int64_t d = 0; d < w.dim(); ++d) {
-      if (d != dim) cols *= w.size(d);
-    }
+    const MatrixView m = matrix_view(w.sizes(), dim);  // cols is right for rows == 0 too
+    const int64_t rows = m.rows, cols = m.cols;
     const at::Tensor moved = w.movedim(dim, 0);  // the matrix weight_matrix() builds, as a view
     const at::Tensor u = uv.narrow(0, offset, rows);
     const at::Tensor v = uv.narrow(0, offset + rows, cols);

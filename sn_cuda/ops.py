@@ -216,8 +216,9 @@ def spectral_norm(
     # partitioner recompute σ's vectors in the backward from the already-updated buffers
     # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
     # same problem, torch 2.14). The op keeps the update opaque to it.
-    compiling = torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
-    if uses_kernels(weights[0]) or compiling:
+    if uses_kernels(weights[0]) or (
+        torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
+    ):
         weights, dims = list(weights), list(dims)
         # range() in the reference raises this TypeError for a float; the schema's would differ.
         n_power_iterations = int(operator.index(n_power_iterations))
