@@ -114,6 +114,11 @@ if [ -x "$SANITIZER" ]; then
     "$SANITIZER" --tool initcheck --error-exitcode 1 "$PYTHON" scripts/sanitizer_case.py
 fi
 
+# 7. This machine's host: what the op boundary costs around the kernels (bench/RESULTS.md has
+# the CPU machine's numbers; issue 4's targets depend on it).
+step "host floor" 90 "$OUT/bench.log" "$PYTHON" bench/dispatch_floor.py
+grep -E '^\| (1|11|64) \|' "$OUT/bench.log" | sed 's/^/    /' >> "$SUMMARY"
+
 echo >> "$SUMMARY"
 echo "total ${SECONDS}s, $failures step(s) failed" >> "$SUMMARY"
 cat "$SUMMARY"
