@@ -129,4 +129,18 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T, N>& v) {
   __stcg(reinterpret_cast<uint4*>(dst), bits);
 }
 
+// This thread's packs of one elementwise item (layer_table.h): pack k starts at element
+// base + k * kThreads * N. Loads those that lie wholly inside an aligned layer, all issued
+// before any arithmetic; the caller handles the others (misaligned layer, tail) element by
+// element with the same test.
+template <typename T, int N>
+__device__ __forceinline__ void load_item_packs(
+    const T* src, bool aligned, int64_t numel, int64_t base, Pack<T, N> (&x)[kElementUnroll]) {
+#pragma unroll
+  for (int k = 0; k < kElementUnroll; ++k) {
+    const int64_t e = base + int64_t{k} * kThreads * N;
+    if (aligned && e + N <= numel) x[k] = load_pack<T, N>(src + e);
+  }
+}
+
 }  // namespace sn_cuda

@@ -45,11 +45,7 @@ __global__ void __launch_bounds__(kThreads) divide_kernel(
     const int64_t base = (item - L.begin) * kItem + int64_t{threadIdx.x} * kVec;
     // All of this thread's vector loads are issued before its first store.
     V x[kElementUnroll];
-#pragma unroll
-    for (int k = 0; k < kElementUnroll; ++k) {
-      const int64_t e = base + int64_t{k} * kThreads * kVec;
-      if (L.aligned && e + kVec <= L.numel) x[k] = load_pack<T, kVec>(in + e);
-    }
+    load_item_packs(in, L.aligned, L.numel, base, x);
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
       const int64_t e = base + int64_t{k} * kThreads * kVec;

@@ -75,14 +75,8 @@ __global__ void __launch_bounds__(kThreads) grad_dot_kernel(
     const int64_t base = (item - L.begin) * kItem + int64_t{threadIdx.x} * kVec;
     // All of this thread's vector loads are issued before the arithmetic.
     V gx[kElementUnroll], wx[kElementUnroll];
-#pragma unroll
-    for (int k = 0; k < kElementUnroll; ++k) {
-      const int64_t e = base + int64_t{k} * kThreads * kVec;
-      if (L.aligned && e + kVec <= L.numel) {
-        gx[k] = load_pack<T, kVec>(g + e);
-        wx[k] = load_pack<T, kVec>(w + e);
-      }
-    }
+    load_item_packs(g, L.aligned, L.numel, base, gx);
+    load_item_packs(w, L.aligned, L.numel, base, wx);
     A part = 0;
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
@@ -133,11 +127,7 @@ __global__ void __launch_bounds__(kThreads) grad_weight_kernel(
     const int64_t base = (item - L.begin) * kItem + int64_t{threadIdx.x} * kVec;
     // All of this thread's vector loads of G are issued before its first store.
     V gx[kElementUnroll];
-#pragma unroll
-    for (int k = 0; k < kElementUnroll; ++k) {
-      const int64_t e = base + int64_t{k} * kThreads * kVec;
-      if (L.aligned && e + kVec <= L.numel) gx[k] = load_pack<T, kVec>(g + e);
-    }
+    load_item_packs(g, L.aligned, L.numel, base, gx);
 #pragma unroll
     for (int k = 0; k < kElementUnroll; ++k) {
       const int64_t e = base + int64_t{k} * kThreads * kVec;
