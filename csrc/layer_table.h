@@ -1,8 +1,15 @@
-// The per-call layer tables the fused kernels read: one entry per layer, built on the host,
-// copied to the device with one asynchronous copy per op call, indexed by (layer, tile) items.
+// The per-call layer tables the fused kernels read: one entry per layer, built on the host and
+// passed to the kernels by value, as a kernel parameter (LayerTable below), indexed by
+// (layer, tile) items.
 //
 // Plain structs of fixed-width integers and pointers only: the host compiler (g++) and nvcc
 // must lay them out identically, and the host copies them as bytes.
+//
+// Why by value, not a table in device memory: a table copied host-to-device comes from pinned
+// host memory, and a CUDA graph that captured that copy reads the host block again at every
+// replay, after torch's host allocator may have handed the block to someone else (torch fixed
+// its allocator for this only in late 2025, pytorch#167507). A kernel parameter is baked into
+// the graph. It also spares every call a pinned allocation and a copy op on the host.
 //
 // A weight of any shape is the matrix rows = shape[dim] by cols = numel / rows, addressed in
 // place as (pre, rows, post) with pre = prod(shape[:dim]), post = prod(shape[dim+1:]):
@@ -33,7 +40,7 @@ struct PowerLayer {
   int64_t v_stride;
   int64_t pre, rows, post, cols;
   // Launch A: items of rows_per_item = kThreads / a_tpr rows, a_tpr threads per row.
-  int64_t a_begin;     // first item of this layer (layers are sorted by it)
+  int64_t a_begin;     // first item of this layer, counted from its chunk's first layer
   int64_t a_items;
   int64_t a_tpr;       // threads per row: a power of two in [4, kThreads]
   // Launch B: items (column block, row chunk); b_width threads per column block.
@@ -60,12 +67,32 @@ struct ElementLayer {
   const void* in2;     // W/sigma (backward), unused by normalize
   void* out;           // W/sigma (normalize) or dL/dW (backward)
   int64_t numel;
-  int64_t begin;       // first item of this layer
+  int64_t begin;       // first item of this layer, counted from its chunk's first layer
   int64_t items;
   int64_t rows, post;  // the (pre, rows, post) view, for u_r and v_c in the backward
   int64_t uv_off;      // offset of u in uv (v follows at uv_off + rows)
   int64_t aligned;     // 1 when in, in2 and out are 16-byte aligned: vector loads and stores
 };
+
+// A launch's layers, as one kernel parameter. Kernels take it as `const __grid_constant__`, so
+// indexing it with a runtime layer number reads the parameter in place (constant bank) rather
+// than copying it to per-thread local memory (tests/test_kernel_ptx.py checks the PTX).
+template <typename Layer, int Capacity>
+struct LayerTable {
+  static constexpr int kCapacity = Capacity;
+  Layer layer[Capacity];
+};
+
+// Layers per launch. A call with more layers runs in chunks of kTableCapacity, a few more
+// launches per chunk; the model suites have at most 64 layers. A chunk of at most kSmallTable
+// layers (SNGAN's 11, say) gets the small table: the driver copies a kernel's whole parameter
+// block at every launch, so small calls should not carry the big table.
+constexpr int kSmallTable = 16;
+constexpr int kTableCapacity = 128;
+// Kernel parameters may take 32764 bytes (CUDA >= 12.1, sm_70 and newer); every kernel's
+// other parameters fit in the 256 bytes left.
+static_assert(sizeof(LayerTable<PowerLayer, kTableCapacity>) + 256 <= 32764, "table too big");
+static_assert(sizeof(LayerTable<ElementLayer, kTableCapacity>) + 256 <= 32764, "table too big");
 
 // Elements per thread per pass of the elementwise kernels: 16 bytes (one vector) ...
 SN_CUDA_HOST_DEVICE constexpr int vector_elems(int elem_size) { return 16 / elem_size; }

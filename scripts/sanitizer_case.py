@@ -3,8 +3,10 @@
 Twelve layers of mixed odd shapes (one row, one column, tall, wide, element counts that are
 not a multiple of 4, a misaligned slice, dims 0, 1 and last, an empty weight) go through all
 three ops in one call each: training in both orders (1 and 2 power iterations) and eval, then
-the backward with and without grad_sigmas, for float32 and bfloat16. Results are checked
-loosely against the float64 reference, so that a run which is wrong but clean still fails.
+the backward with and without grad_sigmas, for float32 and bfloat16. One more call repeats the
+layers 11 times (132 layers: a full layer table of 128, then a chunk of 4; csrc/layer_table.h).
+Results are checked loosely against the float64 reference, so that a run which is wrong but
+clean still fails.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitizer_case.py
 
@@ -47,10 +49,10 @@ def rel_err(actual, expected) -> float:
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
 
 
-def make(dtype, gen):
+def make(layers, dtype, gen):
     """Inputs drawn on the CPU (fewer instrumented kernels), then moved to the GPU."""
     weights, us, vs, dims = [], [], [], []
-    for i, (shape, dim) in enumerate(LAYERS):
+    for i, (shape, dim) in enumerate(layers):
         n = math.prod(shape)
         rows = shape[dim]
         base = torch.randn(n + 1, generator=gen).to(device="cuda", dtype=dtype)
@@ -64,9 +66,9 @@ def make(dtype, gen):
     return weights, us, vs, dims
 
 
-def run(dtype, training, n_iter, u_first, gen) -> list[str]:
+def run(layers, dtype, training, n_iter, u_first, gen) -> list[str]:
     problems = []
-    weights, us, vs, dims = make(dtype, gen)
+    weights, us, vs, dims = make(layers, dtype, gen)
     # The float64 reference, on the CPU.
     w64 = [w.cpu().double() for w in weights]
     u64 = [u.cpu().double() for u in us]
@@ -87,7 +89,7 @@ def run(dtype, training, n_iter, u_first, gen) -> list[str]:
     plain = torch.ops.sn_cuda.normalize_backward(gen_grad, None, w_sn, sigmas, uv, dims)
     torch.cuda.synchronize()
 
-    tag = f"{dtype} training={training} n={n_iter} u_first={u_first}"
+    tag = f"{len(layers)} layers {dtype} training={training} n={n_iter} u_first={u_first}"
     err = rel_err(sigmas.cpu(), torch.stack(ref_sigmas))
     if not err <= TOL[dtype]:
         problems.append(f"{tag}: sigmas relative error {err:.3g}")
@@ -109,10 +111,11 @@ def main() -> int:
     problems = []
     for dtype in (torch.float32, torch.bfloat16):
         for training, n_iter, u_first in MODES:
-            problems += run(dtype, training, n_iter, u_first, gen)
+            problems += run(LAYERS, dtype, training, n_iter, u_first, gen)
+    problems += run(LAYERS * 11, torch.float32, True, 1, True, gen)
     for p in problems:
         print("sanitizer_case:", p)
-    print(f"sanitizer_case: {len(LAYERS)} layers, {2 * len(MODES)} calls: {'FAILED' if problems else 'ok'}")
+    print(f"sanitizer_case: {len(LAYERS)} layers x {2 * len(MODES)} calls, {11 * len(LAYERS)} layers x 1: {'FAILED' if problems else 'ok'}")
     return 1 if problems else 0
 
 

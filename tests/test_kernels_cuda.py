@@ -319,6 +319,22 @@ def test_without_grad_sigmas(grad_sigmas):
     run_and_check(ODD_LAYERS, torch.float32, grad_sigmas=grad_sigmas)
 
 
+# Layer tables are kernel parameters (csrc/layer_table.h): up to kSmallTable = 16 layers take
+# the small table, up to kTableCapacity = 128 the big one, and a call with more layers runs in
+# chunks of 128, each chunk numbering its items from 0.
+BIG_TABLE_LAYERS = (ODD_LAYERS * 2)[:20]
+CHUNKED_LAYERS = (ODD_LAYERS * 10)[:130]  # a chunk of 128 layers, then one of 2
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mode", [MODES[0], MODES[3], MODES[4]], ids=["train-param", "train3-hook", "eval"])
+@pytest.mark.parametrize("layers", [BIG_TABLE_LAYERS, CHUNKED_LAYERS], ids=["big-table", "two-chunks"])
+def test_table_sizes_and_chunks(layers, mode):
+    training, n_iter, u_first = mode
+    run_and_check(layers, torch.float32, training=training, n_iter=n_iter, u_first=u_first, layout="offset")
+
+
 @pytest.mark.cuda
 @cuda
 def test_zero_iterations_in_training_is_eval():
@@ -376,8 +392,12 @@ def _count_kernels(fn) -> int:
 
 @pytest.mark.cuda
 @cuda
-def test_launches_per_call_and_no_sync():
-    layers = [(shape, dim) for shape, dim in MODEL_LAYERS["biggan_deep128_d"]] + ODD_LAYERS[:6]
+@pytest.mark.parametrize(
+    "layers, chunks",
+    [(MODEL_LAYERS["biggan_deep128_d"] + ODD_LAYERS[:6], 1), (CHUNKED_LAYERS, 2)],
+    ids=["one-chunk", "two-chunks"],
+)
+def test_launches_per_call_and_no_sync(layers, chunks):
     weights, us, vs, dims = make_layers(layers, torch.float32, "cuda")
     grads = [torch.randn_like(w) for w in weights]
 
@@ -393,8 +413,8 @@ def test_launches_per_call_and_no_sync():
 
     backward()
     # (at least one: a profiler that records nothing must not pass the test)
-    assert 1 <= _count_kernels(forward) <= 4
-    assert 1 <= _count_kernels(backward) <= 2
+    assert 1 <= _count_kernels(forward) <= 4 * chunks
+    assert 1 <= _count_kernels(backward) <= 2 * chunks
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
     try:
         forward()

@@ -1,15 +1,11 @@
-// Host-side helpers shared by the three ops: argument checks, the (pre, rows, post) view of a
-// weight, and the call's scratch (layer table + zeroed counters + accumulators) built with one
-// device allocation and one asynchronous host-to-device copy.
+// Host-side helpers shared by the three ops and their autograd: argument checks and the
+// (pre, rows, post) view of a weight. (How a call reaches the kernels: cuda/launch_utils.h.)
 #pragma once
 
 #include <cstdint>
-#include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -95,44 +91,5 @@ inline void check_acc_vector(
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// One call's scratch on the device: [layer table | counters | accumulators].
-struct Scratch {
-  at::Tensor buffer;  // keeps the allocation alive until the call's kernels are queued
-  const void* table = nullptr;
-  unsigned int* counters = nullptr;
-  void* acc = nullptr;
-};
-
-// One allocation from the caching allocator; the table and the zeroed counters reach the device
-// with one asynchronous copy on the current stream from pinned memory (torch's host allocator
-// keeps the pinned block until that copy has run). The accumulators are left uninitialised:
-// the kernels write every accumulator before reading it. No host-device synchronization.
-template <typename Layer>
-Scratch make_scratch(
-    const std::vector<Layer>& table, int64_t num_counters, int64_t acc_bytes,
-    const at::Device& device) {
-  const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(Layer));
-  const int64_t counters_at = round_up(table_bytes, 16);
-  const int64_t head = counters_at + round_up(num_counters * int64_t{sizeof(unsigned int)}, 16);
-  at::Tensor host =
-      at::empty({head}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  uint8_t* h = host.data_ptr<uint8_t>();
-  std::memcpy(h, table.data(), table_bytes);
-  std::memset(h + table_bytes, 0, head - table_bytes);
-  Scratch s;
-  s.buffer = at::empty({head + acc_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  s.buffer.narrow(0, 0, head).copy_(host, /*non_blocking=*/true);
-  uint8_t* d = s.buffer.data_ptr<uint8_t>();
-  s.table = d;
-  s.counters = reinterpret_cast<unsigned int*>(d + counters_at);
-  s.acc = d + head;
-  return s;
-}
-
-// Grid size for `items` work items (the kernels also stride over items, for huge calls).
-inline unsigned int grid_for(int64_t items) {
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(items, 1), 1 << 30));
-}
 
 }  // namespace sn_cuda

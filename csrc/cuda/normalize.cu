@@ -1,5 +1,6 @@
 // sn_cuda::normalize on CUDA: W_l / sigma_l for every layer of the call in one launch (launch
-// C), plus the copy of sigma that autograd differentiates, made by the same launch.
+// C; one per chunk of kTableCapacity layers, launch_utils.h), plus the copy of sigma that
+// autograd differentiates, made by the same launch.
 //
 // A flat loop over the contiguous elements of every layer, in items of a fixed number of
 // elements (an item never spans two layers), 16-byte loads and stores where the layer's
@@ -17,19 +18,22 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/host_utils.h"
+#include "cuda/launch_utils.h"
 #include "layer_table.h"
 
 namespace sn_cuda {
 namespace {
 
-template <typename T, typename A>
+// `sigmas` and `sigmas_out` start at the chunk's first layer.
+template <typename T, typename A, int Cap>
 __global__ void __launch_bounds__(kThreads) divide_kernel(
-    const ElementLayer* __restrict__ layers, int num_layers, int64_t total_items,
-    const A* __restrict__ sigmas, A* __restrict__ sigmas_out) {
+    const __grid_constant__ LayerTable<ElementLayer, Cap> table, int num_layers,
+    int64_t total_items, const A* __restrict__ sigmas, A* __restrict__ sigmas_out) {
   constexpr int kVec = vector_elems(sizeof(T));
   constexpr int64_t kItem = elementwise_item_elems(sizeof(T));
   using V = Pack<T, kVec>;
@@ -37,8 +41,8 @@ __global__ void __launch_bounds__(kThreads) divide_kernel(
     for (int i = threadIdx.x; i < num_layers; i += kThreads) sigmas_out[i] = sigmas[i];
   }
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
-    const int l = find_layer(num_layers, item, [&](int i) { return layers[i].begin; });
-    const ElementLayer& L = layers[l];
+    const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].begin; });
+    const ElementLayer& L = table.layer[l];
     const T* in = static_cast<const T*>(L.in);
     T* out = static_cast<T*>(L.out);
     const A sigma = sigmas[l];
@@ -89,8 +93,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
   std::vector<at::Tensor> inputs, outputs;
   std::vector<ElementLayer> table(n);
   const int elem = static_cast<int>(c10::elementSize(dtype));
-  int64_t items = 0;
+  int64_t items = 0;  // in the layer's chunk
   for (int64_t i = 0; i < n; ++i) {
+    if (starts_chunk(i)) items = 0;
     inputs.push_back(weights[i].contiguous());
     outputs.push_back(at::empty(weights[i].sizes(), weights[i].options()));
     ElementLayer& L = table[i];
@@ -108,14 +113,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
     L.aligned = aligned16(L.in) && aligned16(L.out);
   }
   at::Tensor sigmas_out = at::empty({n}, sig.options());
-  const Scratch scratch = make_scratch(table, /*num_counters=*/0, /*acc_bytes=*/0, device);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_cuda::normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    divide_kernel<scalar_t, acc_t><<<grid_for(items), kThreads, 0, stream>>>(
-        static_cast<const ElementLayer*>(scratch.table), static_cast<int>(n), items,
-        sig.const_data_ptr<acc_t>(), sigmas_out.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_chunk(table, [&](const auto& chunk, size_t first, size_t count) {
+      constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
+      const ElementLayer& last = chunk.layer[count - 1];
+      const int64_t chunk_items = last.begin + last.items;
+      divide_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+          chunk, static_cast<int>(count), chunk_items, sig.const_data_ptr<acc_t>() + first,
+          sigmas_out.mutable_data_ptr<acc_t>() + first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {outputs, sigmas_out};
 }

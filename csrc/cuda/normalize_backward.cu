@@ -1,4 +1,5 @@
-// sn_cuda::normalize_backward on CUDA: dL/dW for every layer of the call in two launches.
+// sn_cuda::normalize_backward on CUDA: dL/dW for every layer of the call in two launches (per
+// chunk of kTableCapacity layers, launch_utils.h).
 //
 //   launch D (grad_dot_kernel): k_l = <G_l, W_l/sigma_l> - g_l sigma_l. Each item stores the
 //     partial dot product of its elements; the last item of a layer adds the layer's partials
@@ -20,10 +21,12 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/host_utils.h"
+#include "cuda/launch_utils.h"
 #include "layer_table.h"
 
 namespace sn_cuda {
@@ -58,18 +61,19 @@ struct ElementIndex {
   }
 };
 
-// Launch D: per-layer k = <G, W/sigma> - g sigma.
-template <typename T, typename A>
+// Launch D: per-layer k = <G, W/sigma> - g sigma. `partials` starts at the chunk's first
+// item, the per-layer arrays at its first layer.
+template <typename T, typename A, int Cap>
 __global__ void __launch_bounds__(kThreads) grad_dot_kernel(
-    const ElementLayer* __restrict__ layers, int num_layers, int64_t total_items, A* partials,
-    unsigned int* counters, const A* __restrict__ sigmas, const A* __restrict__ grad_sigmas,
-    A* coefs) {
+    const __grid_constant__ LayerTable<ElementLayer, Cap> table, int num_layers,
+    int64_t total_items, A* partials, unsigned int* counters, const A* __restrict__ sigmas,
+    const A* __restrict__ grad_sigmas, A* coefs) {
   constexpr int kVec = vector_elems(sizeof(T));
   constexpr int64_t kItem = elementwise_item_elems(sizeof(T));
   using V = Pack<T, kVec>;
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
-    const int l = find_layer(num_layers, item, [&](int i) { return layers[i].begin; });
-    const ElementLayer& L = layers[l];
+    const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].begin; });
+    const ElementLayer& L = table.layer[l];
     const T* g = static_cast<const T*>(L.in);
     const T* w = static_cast<const T*>(L.in2);
     const int64_t base = (item - L.begin) * kItem + int64_t{threadIdx.x} * kVec;
@@ -106,17 +110,18 @@ __global__ void __launch_bounds__(kThreads) grad_dot_kernel(
   }
 }
 
-// Launch E: dL/dW = (G - k u_r v_c) / sigma.
-template <typename T, typename A>
+// Launch E: dL/dW = (G - k u_r v_c) / sigma. The per-layer arrays start at the chunk's first
+// layer; `uv` is the whole call's (the table's uv_off index it).
+template <typename T, typename A, int Cap>
 __global__ void __launch_bounds__(kThreads) grad_weight_kernel(
-    const ElementLayer* __restrict__ layers, int num_layers, int64_t total_items,
-    const A* __restrict__ uv, const A* __restrict__ sigmas, const A* coefs) {
+    const __grid_constant__ LayerTable<ElementLayer, Cap> table, int num_layers,
+    int64_t total_items, const A* __restrict__ uv, const A* __restrict__ sigmas, const A* coefs) {
   constexpr int kVec = vector_elems(sizeof(T));
   constexpr int64_t kItem = elementwise_item_elems(sizeof(T));
   using V = Pack<T, kVec>;
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
-    const int l = find_layer(num_layers, item, [&](int i) { return layers[i].begin; });
-    const ElementLayer& L = layers[l];
+    const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].begin; });
+    const ElementLayer& L = table.layer[l];
     const T* g = static_cast<const T*>(L.in);
     T* out = static_cast<T*>(L.out);
     const A* u = uv + L.uv_off;
@@ -178,8 +183,9 @@ std::vector<at::Tensor> normalize_backward_cuda(
   std::vector<at::Tensor> gs, ws, outputs;
   std::vector<ElementLayer> table(n);
   const int elem = static_cast<int>(c10::elementSize(dtype));
-  int64_t items = 0, uv_elems = 0;
+  int64_t items = 0, total_items = 0, uv_elems = 0;  // items: in the layer's chunk
   for (int64_t i = 0; i < n; ++i) {
+    if (starts_chunk(i)) items = 0;
     TORCH_CHECK(
         grads[i].sizes() == w_sn[i].sizes(), op, ": grads[", i, "] has shape ", grads[i].sizes(),
         " but w_sn[", i, "] has shape ", w_sn[i].sizes());
@@ -195,6 +201,7 @@ std::vector<at::Tensor> normalize_backward_cuda(
     L.begin = items;
     L.items = std::max<int64_t>(1, ceil_div(L.numel, elementwise_item_elems(elem)));
     items += L.items;
+    total_items += L.items;
     L.rows = m.rows;
     L.post = m.post;
     L.uv_off = uv_elems;
@@ -207,22 +214,30 @@ std::vector<at::Tensor> normalize_backward_cuda(
   const at::Tensor gsig = has_grad_sigmas ? grad_sigmas->contiguous() : at::Tensor();
 
   // Scratch accumulators: one partial per item, then one coefficient per layer.
-  const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc));
-  const Scratch scratch = make_scratch(table, /*num_counters=*/n, (items + n) * acc_size, device);
-  const auto* layers = static_cast<const ElementLayer*>(scratch.table);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc));
+  const Scratch scratch =
+      make_scratch(/*num_counters=*/n, (total_items + n) * acc_size, device, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_cuda::normalize_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* partials = static_cast<acc_t*>(scratch.acc);
-    acc_t* coefs = partials + items;
+    acc_t* coefs = partials + total_items;
     const acc_t* sp = sig.const_data_ptr<acc_t>();
-    grad_dot_kernel<scalar_t, acc_t><<<grid_for(items), kThreads, 0, stream>>>(
-        layers, static_cast<int>(n), items, partials, scratch.counters, sp,
-        has_grad_sigmas ? gsig.const_data_ptr<acc_t>() : nullptr, coefs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_weight_kernel<scalar_t, acc_t><<<grid_for(items), kThreads, 0, stream>>>(
-        layers, static_cast<int>(n), items, uvc.const_data_ptr<acc_t>(), sp, coefs);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const acc_t* gsp = has_grad_sigmas ? gsig.const_data_ptr<acc_t>() : nullptr;
+    for_each_chunk(table, [&](const auto& chunk, size_t first, size_t count) {
+      constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
+      const ElementLayer& last = chunk.layer[count - 1];
+      const int64_t chunk_items = last.begin + last.items;
+      grad_dot_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+          chunk, static_cast<int>(count), chunk_items, partials, scratch.counters + first,
+          sp + first, gsp != nullptr ? gsp + first : nullptr, coefs + first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      grad_weight_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+          chunk, static_cast<int>(count), chunk_items, uvc.const_data_ptr<acc_t>(), sp + first,
+          coefs + first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      partials += chunk_items;
+    });
   });
   return outputs;
 }

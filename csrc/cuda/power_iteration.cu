@@ -1,5 +1,6 @@
 // sn_cuda::power_iteration on CUDA: power iteration and sigma for every layer of the call, in
-// two launches per iteration whatever the number of layers (one launch in eval mode).
+// two launches per iteration whatever the number of layers up to kTableCapacity (one launch in
+// eval mode); a call with more layers runs them chunk by chunk (launch_utils.h).
 //
 //   launch A (matvec_rows_kernel): s = W v. Items are (layer, block of rows), a_tpr threads per
 //     row; each row's sum is complete inside its item. The last item of a layer to finish
@@ -28,10 +29,12 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/device_utils.cuh"
 #include "cuda/host_utils.h"
+#include "cuda/launch_utils.h"
 #include "layer_table.h"
 
 namespace sn_cuda {
@@ -102,15 +105,16 @@ __device__ void finish_cols(
   if (write_sigma && threadIdx.x == 0) sigmas[l] = norm2 / denom;
 }
 
-// Launch A: s = W v for every layer.
-template <typename T, typename A>
+// Launch A: s = W v for every layer of the chunk (`sigmas` starts at its first layer; acc,
+// counters and uv are the whole call's, indexed by the table's offsets).
+template <typename T, typename A, int Cap>
 __global__ void __launch_bounds__(kThreads) matvec_rows_kernel(
-    const PowerLayer* __restrict__ layers, int num_layers, int64_t total_items, A* acc,
-    unsigned int* counters, A* sigmas, A* uv, A eps, bool eval, bool vectors_from_uv,
-    bool write_sigma) {
+    const __grid_constant__ LayerTable<PowerLayer, Cap> table, int num_layers,
+    int64_t total_items, A* acc, unsigned int* counters, A* sigmas, A* uv, A eps, bool eval,
+    bool vectors_from_uv, bool write_sigma) {
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
-    const int l = find_layer(num_layers, item, [&](int i) { return layers[i].a_begin; });
-    const PowerLayer& L = layers[l];
+    const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].a_begin; });
+    const PowerLayer& L = table.layer[l];
     const int tpr = static_cast<int>(L.a_tpr);
     const int lane = threadIdx.x % tpr;
     const int64_t r = (item - L.a_begin) * (kThreads / tpr) + threadIdx.x / tpr;
@@ -154,15 +158,16 @@ __global__ void __launch_bounds__(kThreads) matvec_rows_kernel(
   }
 }
 
-// Launch B: t = W^T u for every layer.
-template <typename T, typename A>
+// Launch B: t = W^T u for every layer of the chunk (arguments as launch A's).
+template <typename T, typename A, int Cap>
 __global__ void __launch_bounds__(kThreads) matvec_cols_kernel(
-    const PowerLayer* __restrict__ layers, int num_layers, int64_t total_items, A* acc,
-    unsigned int* counters, A* sigmas, A* uv, A eps, bool vectors_from_uv, bool write_sigma) {
+    const __grid_constant__ LayerTable<PowerLayer, Cap> table, int num_layers,
+    int64_t total_items, A* acc, unsigned int* counters, A* sigmas, A* uv, A eps,
+    bool vectors_from_uv, bool write_sigma) {
   __shared__ A col_sums[kThreads];
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
-    const int l = find_layer(num_layers, item, [&](int i) { return layers[i].b_begin; });
-    const PowerLayer& L = layers[l];
+    const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].b_begin; });
+    const PowerLayer& L = table.layer[l];
     const int width = static_cast<int>(L.b_width);
     const int groups = kThreads / width;
     const int j = threadIdx.x % width, g = threadIdx.x / width;
@@ -213,12 +218,15 @@ __global__ void __launch_bounds__(kThreads) matvec_cols_kernel(
   }
 }
 
-// The per-layer tiling of launches A and B, and where each layer's scratch lives.
+// The per-layer tiling of launches A and B, and where each layer's scratch lives. Items are
+// numbered per chunk (launch_utils.h); counters, accumulators and uv per call.
 struct PowerPlan {
   std::vector<PowerLayer> layers;
-  int64_t a_items = 0, b_items = 0, counters = 0, acc_elems = 0, uv_elems = 0;
+  int64_t a_items = 0, b_items = 0;  // in the current chunk
+  int64_t counters = 0, acc_elems = 0, uv_elems = 0;
 
   void add(const void* w, void* u, int64_t u_stride, void* v, int64_t v_stride, MatrixView m) {
+    if (starts_chunk(layers.size())) a_items = b_items = 0;
     PowerLayer L{};
     L.w = w;
     L.u = u;
@@ -300,50 +308,54 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
   const auto acc_options = at::TensorOptions().dtype(acc).device(device);
   at::Tensor sigmas = at::empty({static_cast<int64_t>(n)}, acc_options);
   at::Tensor uv = at::empty({plan.uv_elems}, acc_options);
-  const Scratch scratch = make_scratch(
-      plan.layers, plan.counters, plan.acc_elems * static_cast<int64_t>(c10::elementSize(acc)),
-      device);
-  const auto* table = static_cast<const PowerLayer*>(scratch.table);
-  const int num_layers = static_cast<int>(n);
-  const bool iterate = training && iterations > 0;  // else sigma = u . W v from the buffers
   auto stream = at::cuda::getCurrentCUDAStream();
+  const Scratch scratch = make_scratch(
+      plan.counters, plan.acc_elems * static_cast<int64_t>(c10::elementSize(acc)), device, stream);
+  const bool iterate = training && iterations > 0;  // else sigma = u . W v from the buffers
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_cuda::power_iteration", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* acc_buf = static_cast<acc_t*>(scratch.acc);
-    acc_t* sig = sigmas.mutable_data_ptr<acc_t>();
     acc_t* uvp = uv.mutable_data_ptr<acc_t>();
     const acc_t e = static_cast<acc_t>(eps);
-    // The first launch reads the buffers; every later one the vectors the previous wrote.
-    bool from_uv = false;
-    auto rows = [&](bool eval, bool write_sigma) {
-      matvec_rows_kernel<scalar_t, acc_t><<<grid_for(plan.a_items), kThreads, 0, stream>>>(
-          table, num_layers, plan.a_items, acc_buf, scratch.counters, sig, uvp, e, eval, from_uv,
-          write_sigma);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      from_uv = true;
-    };
-    auto cols = [&](bool write_sigma) {
-      matvec_cols_kernel<scalar_t, acc_t><<<grid_for(plan.b_items), kThreads, 0, stream>>>(
-          table, num_layers, plan.b_items, acc_buf, scratch.counters, sig, uvp, e, from_uv,
-          write_sigma);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      from_uv = true;
-    };
-    if (!iterate) {
-      rows(/*eval=*/true, /*write_sigma=*/true);
-      return;
-    }
-    for (int64_t it = 0; it < iterations; ++it) {
-      const bool last = it + 1 == iterations;
-      if (u_first) {
-        rows(/*eval=*/false, /*write_sigma=*/false);
-        cols(/*write_sigma=*/last);
-      } else {
-        cols(/*write_sigma=*/false);
-        rows(/*eval=*/false, /*write_sigma=*/last);
+    // Chunks are independent: each runs all its iterations before the next starts.
+    for_each_chunk(plan.layers, [&](const auto& chunk, size_t first, size_t count) {
+      constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
+      const PowerLayer& last = chunk.layer[count - 1];
+      const int64_t a_items = last.a_begin + last.a_items, b_items = last.b_begin + last.b_items;
+      const int num_layers = static_cast<int>(count);
+      acc_t* sig = sigmas.mutable_data_ptr<acc_t>() + first;
+      // The first launch reads the buffers; every later one the vectors the previous wrote.
+      bool from_uv = false;
+      auto rows = [&](bool eval, bool write_sigma) {
+        matvec_rows_kernel<scalar_t, acc_t, cap><<<grid_for(a_items), kThreads, 0, stream>>>(
+            chunk, num_layers, a_items, acc_buf, scratch.counters, sig, uvp, e, eval, from_uv,
+            write_sigma);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        from_uv = true;
+      };
+      auto cols = [&](bool write_sigma) {
+        matvec_cols_kernel<scalar_t, acc_t, cap><<<grid_for(b_items), kThreads, 0, stream>>>(
+            chunk, num_layers, b_items, acc_buf, scratch.counters, sig, uvp, e, from_uv,
+            write_sigma);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        from_uv = true;
+      };
+      if (!iterate) {
+        rows(/*eval=*/true, /*write_sigma=*/true);
+        return;
       }
-    }
+      for (int64_t it = 0; it < iterations; ++it) {
+        const bool last_iteration = it + 1 == iterations;
+        if (u_first) {
+          rows(/*eval=*/false, /*write_sigma=*/false);
+          cols(/*write_sigma=*/last_iteration);
+        } else {
+          cols(/*write_sigma=*/false);
+          rows(/*eval=*/false, /*write_sigma=*/last_iteration);
+        }
+      }
+    });
   });
   return {sigmas, uv};
 }

@@ -1,11 +1,18 @@
-"""The elementwise kernels (W/σ, ∂L/∂W) read and write 16 bytes per access on their aligned path.
+"""Properties of the kernels' code that no CPU test can see, checked in the PTX nvcc emits for
+sm_90 (no GPU needed). Skipped without nvcc and torch's CUDA headers (CI has both).
 
-Checked in the PTX nvcc emits for sm_90 (no GPU needed): each instantiation of the divide and
-gradient kernels must hold at least ``kElementUnroll`` (4) 16-byte loads and as many 16-byte
-stores. Found with nvcc 13.0: written as plain struct copies, every store and the loads of
-float16/bfloat16 were split into one scalar access per element, which costs bandwidth on the
-largest layers (BigGAN's). ``load_pack``/``store_pack`` in csrc/cuda/device_utils.cuh keep
-them whole. Skipped without nvcc and torch's CUDA headers (CI has both).
+- The elementwise kernels (W/σ, ∂L/∂W) read and write 16 bytes per access on their aligned
+  path: each instantiation of the divide and gradient kernels must hold at least
+  ``kElementUnroll`` (4) 16-byte loads and as many 16-byte stores. Found with nvcc 13.0:
+  written as plain struct copies, every store and the loads of float16/bfloat16 were split into
+  one scalar access per element, which costs bandwidth on the largest layers (BigGAN's).
+  ``load_pack``/``store_pack`` in csrc/cuda/device_utils.cuh keep them whole.
+- No kernel uses local memory. The layer table is a kernel parameter of up to 24 KB, indexed
+  by a runtime layer number. It must be read in place (``ld.param``); a copy into every
+  thread's local memory, which nvcc makes when a parameter's address escapes and it is not
+  ``__grid_constant__``, would cost more than the table saves. (nvcc 13.0 reads it in place
+  here even without ``__grid_constant__``, because every use inlines; the qualifier keeps that
+  true if one stops inlining.) The same check catches register spills.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ def _entries(ptx: str, kernel: str) -> dict[str, str]:
     return bodies
 
 
+# fp64, fp32, fp16 and bf16, each with the small and the large layer table (layer_table.h).
+INSTANTIATIONS = 8
+
 # (source, kernel, 16-byte loads and stores each instantiation must hold at least)
 KERNELS = [
     ("csrc/cuda/normalize.cu", "divide_kernel", UNROLL, UNROLL),  # W, then W/σ
@@ -97,8 +107,24 @@ def ptx(tmp_path_factory):
 @pytest.mark.parametrize("source, kernel, min_loads, min_stores", KERNELS, ids=[k[1] for k in KERNELS])
 def test_aligned_path_uses_16_byte_accesses(source, kernel, min_loads, min_stores, ptx):
     entries = _entries(ptx(source), kernel)
-    assert len(entries) == 4, f"expected the fp64, fp32, fp16 and bf16 instantiations, got {list(entries)}"
+    assert len(entries) == INSTANTIATIONS, f"expected {INSTANTIATIONS} instantiations, got {list(entries)}"
     for name, body in entries.items():
         loads, stores = len(VECTOR_LOAD.findall(body)), len(VECTOR_STORE.findall(body))
         assert loads >= min_loads, f"{name}: {loads} 16-byte loads, expected >= {min_loads}"
         assert stores >= min_stores, f"{name}: {stores} 16-byte stores, expected >= {min_stores}"
+
+
+ALL_KERNELS = [
+    ("csrc/cuda/power_iteration.cu", "matvec_rows_kernel"),
+    ("csrc/cuda/power_iteration.cu", "matvec_cols_kernel"),
+    *((source, kernel) for source, kernel, _, _ in KERNELS),
+]
+
+
+@pytest.mark.parametrize("source, kernel", ALL_KERNELS, ids=[k[1] for k in ALL_KERNELS])
+def test_no_local_memory(source, kernel, ptx):
+    entries = _entries(ptx(source), kernel)
+    assert len(entries) == INSTANTIATIONS, f"expected {INSTANTIATIONS} instantiations, got {list(entries)}"
+    for name, body in entries.items():
+        local = re.findall(r"\.local\b.*", body)
+        assert not local, f"{name} uses local memory (a copied table parameter or a spill): {local[:3]}"

@@ -1,0 +1,76 @@
+// How one op call's layers reach the kernels: the layer table by value, chunk by chunk, and the
+// call's device scratch (counters and accumulators) in one allocation.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/host_utils.h"
+#include "layer_table.h"
+
+namespace sn_cuda {
+
+// Layers go to the kernels in chunks of kTableCapacity consecutive layers, and items are
+// numbered from each chunk's first layer: a plan restarts its item count at these layers.
+inline bool starts_chunk(size_t layer) { return layer % kTableCapacity == 0; }
+
+// layers[first, first + count) as a table of `Capacity` entries. The entries past `count` stay
+// uninitialised: kernels only look up layers below their num_layers argument.
+template <int Capacity, typename Layer>
+LayerTable<Layer, Capacity> table_of(const std::vector<Layer>& layers, size_t first, size_t count) {
+  LayerTable<Layer, Capacity> table;
+  std::memcpy(table.layer, layers.data() + first, count * sizeof(Layer));
+  return table;
+}
+
+// Calls launch(table, first, count) for each chunk of the call's layers, in layer order, with
+// the smallest LayerTable that holds the chunk. `launch` is a generic lambda: it reads the
+// table's capacity from its type (std::decay_t<decltype(table)>::kCapacity) to pick the kernel.
+template <typename Layer, typename Launch>
+void for_each_chunk(const std::vector<Layer>& layers, Launch&& launch) {
+  for (size_t first = 0; first < layers.size(); first += kTableCapacity) {
+    const size_t count = std::min<size_t>(layers.size() - first, kTableCapacity);
+    if (count <= kSmallTable) {
+      launch(table_of<kSmallTable>(layers, first, count), first, count);
+    } else {
+      launch(table_of<kTableCapacity>(layers, first, count), first, count);
+    }
+  }
+}
+
+// One call's scratch on the device: [counters | accumulators].
+struct Scratch {
+  at::Tensor buffer;  // keeps the allocation alive until the call's kernels are queued
+  unsigned int* counters = nullptr;
+  void* acc = nullptr;
+};
+
+// One allocation from the caching allocator. The counters are zeroed by one memset on `stream`
+// (a memset node when a CUDA graph captures the call); the kernels leave every counter at zero
+// when they finish with it. The accumulators are left uninitialised: the kernels write every
+// accumulator before reading it. No host-device synchronization.
+inline Scratch make_scratch(
+    int64_t num_counters, int64_t acc_bytes, const at::Device& device, cudaStream_t stream) {
+  const int64_t head = round_up(num_counters * int64_t{sizeof(unsigned int)}, 16);
+  Scratch s;
+  s.buffer = at::empty({head + acc_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* d = static_cast<uint8_t*>(s.buffer.data_ptr());
+  if (head > 0) C10_CUDA_CHECK(cudaMemsetAsync(d, 0, static_cast<size_t>(head), stream));
+  s.counters = reinterpret_cast<unsigned int*>(d);
+  s.acc = d + head;
+  return s;
+}
+
+// Grid size for `items` work items (the kernels also stride over items, for huge calls).
+inline unsigned int grid_for(int64_t items) {
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(items, 1), 1 << 30));
+}
+
+}  // namespace sn_cuda
