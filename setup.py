@@ -4,7 +4,8 @@ SN_CUDA_BUILD selects the extension build:
   unset / "auto"  build it when torch has CUDA and a CUDA toolkit is found, else skip quietly
   "1"             build it, and fail loudly if it cannot be built
   "0"             never build it (pure-Python package: the torch reference path)
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200). SN_CUDA_DEBUG=1 adds -G -lineinfo.
+TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200); the kernels need sm_70 or newer
+and CUDA >= 12.1 (toolkit and driver). SN_CUDA_DEBUG=1 adds -G -lineinfo.
 The extension needs no GPU to compile: CI builds it on CPU-only machines.
 """
 
@@ -51,6 +52,9 @@ def _extensions():
     why_not = None
     if torch.version.cuda is None:
         why_not = "torch is a CPU-only build"
+    elif tuple(int(x) for x in torch.version.cuda.split(".")[:2]) < (12, 1):
+        # The kernels take their layer tables as kernel parameters of up to 25 KB.
+        why_not = f"torch is built with CUDA {torch.version.cuda}; the kernels need CUDA >= 12.1"
     elif cpp_extension.CUDA_HOME is None:
         why_not = "no CUDA toolkit found (set CUDA_HOME)"
     if why_not:

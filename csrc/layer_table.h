@@ -84,15 +84,20 @@ struct LayerTable {
 };
 
 // Layers per launch. A call with more layers runs in chunks of kTableCapacity, a few more
-// launches per chunk; the model suites have at most 64 layers. A chunk of at most kSmallTable
-// layers (SNGAN's 11, say) gets the small table: the driver copies a kernel's whole parameter
-// block at every launch, so small calls should not carry the big table.
+// launches per chunk; the model suites have at most 64 layers. A chunk gets the smallest of
+// three tables that holds it (SNGAN's 11 layers: 16; BigGAN-128 D's 23 and 64 small convs: 64),
+// because the driver copies a kernel's whole parameter block at every launch.
 constexpr int kSmallTable = 16;
+constexpr int kMediumTable = 64;
 constexpr int kTableCapacity = 128;
 // Kernel parameters may take 32764 bytes (CUDA >= 12.1, sm_70 and newer); every kernel's
 // other parameters fit in the 256 bytes left.
 static_assert(sizeof(LayerTable<PowerLayer, kTableCapacity>) + 256 <= 32764, "table too big");
 static_assert(sizeof(LayerTable<ElementLayer, kTableCapacity>) + 256 <= 32764, "table too big");
+#if defined(__CUDACC__) && \
+    (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1))
+#error "sn_cuda needs CUDA 12.1 or newer: its layer tables are kernel parameters of up to 25 KB"
+#endif
 
 // Elements per thread per pass of the elementwise kernels: 16 bytes (one vector) ...
 SN_CUDA_HOST_DEVICE constexpr int vector_elems(int elem_size) { return 16 / elem_size; }

@@ -319,19 +319,24 @@ def test_without_grad_sigmas(grad_sigmas):
     run_and_check(ODD_LAYERS, torch.float32, grad_sigmas=grad_sigmas)
 
 
-# Layer tables are kernel parameters (csrc/layer_table.h): up to kSmallTable = 16 layers take
-# the small table, up to kTableCapacity = 128 the big one, and a call with more layers runs in
-# chunks of 128, each chunk numbering its items from 0.
-BIG_TABLE_LAYERS = (ODD_LAYERS * 2)[:20]
-CHUNKED_LAYERS = (ODD_LAYERS * 10)[:130]  # a chunk of 128 layers, then one of 2
+# Layer tables are kernel parameters (csrc/layer_table.h): a call of up to 16 layers takes the
+# small table, up to 64 the medium one, up to 128 the big one, and a call with more layers runs
+# in chunks of 128, each numbering its items from 0 and taking the table that fits it.
+TABLE_CASES = {
+    "16-small": 16,
+    "17-medium": 17,
+    "65-big": 65,
+    "145-big-then-medium": 145,  # chunks of 128 and 17
+}
 
 
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("mode", [MODES[0], MODES[3], MODES[4]], ids=["train-param", "train3-hook", "eval"])
-@pytest.mark.parametrize("layers", [BIG_TABLE_LAYERS, CHUNKED_LAYERS], ids=["big-table", "two-chunks"])
-def test_table_sizes_and_chunks(layers, mode):
+@pytest.mark.parametrize("count", list(TABLE_CASES.values()), ids=list(TABLE_CASES))
+def test_table_sizes_and_chunks(count, mode):
     training, n_iter, u_first = mode
+    layers = (ODD_LAYERS * (count // len(ODD_LAYERS) + 1))[:count]
     run_and_check(layers, torch.float32, training=training, n_iter=n_iter, u_first=u_first, layout="offset")
 
 
@@ -394,7 +399,7 @@ def _count_kernels(fn) -> int:
 @cuda
 @pytest.mark.parametrize(
     "layers, chunks",
-    [(MODEL_LAYERS["biggan_deep128_d"] + ODD_LAYERS[:6], 1), (CHUNKED_LAYERS, 2)],
+    [(MODEL_LAYERS["biggan_deep128_d"] + ODD_LAYERS[:6], 1), ((ODD_LAYERS * 10)[:130], 2)],
     ids=["one-chunk", "two-chunks"],
 )
 def test_launches_per_call_and_no_sync(layers, chunks):

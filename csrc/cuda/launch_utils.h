@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
 #include "cuda/host_utils.h"
@@ -21,24 +22,38 @@ namespace sn_cuda {
 // numbered from each chunk's first layer: a plan restarts its item count at these layers.
 inline bool starts_chunk(size_t layer) { return layer % kTableCapacity == 0; }
 
-// layers[first, first + count) as a table of `Capacity` entries. The entries past `count` stay
-// uninitialised: kernels only look up layers below their num_layers argument.
+// layers[first, first + count) as a table of `Capacity` entries; the entries past `count` are
+// zeros (never read: kernels only look up layers below their num_layers argument, but the
+// bytes go into every launch and every captured graph node).
 template <int Capacity, typename Layer>
 LayerTable<Layer, Capacity> table_of(const std::vector<Layer>& layers, size_t first, size_t count) {
   LayerTable<Layer, Capacity> table;
   std::memcpy(table.layer, layers.data() + first, count * sizeof(Layer));
+  std::memset(table.layer + count, 0, (Capacity - count) * sizeof(Layer));
   return table;
 }
+
+// A chunk's first layer owns its chunk's first items (item numbers restart at starts_chunk).
+inline bool numbered_from_zero(const PowerLayer& first) {
+  return first.a_begin == 0 && first.b_begin == 0;
+}
+inline bool numbered_from_zero(const ElementLayer& first) { return first.begin == 0; }
 
 // Calls launch(table, first, count) for each chunk of the call's layers, in layer order, with
 // the smallest LayerTable that holds the chunk. `launch` is a generic lambda: it reads the
 // table's capacity from its type (std::decay_t<decltype(table)>::kCapacity) to pick the kernel.
+// (The table is ~25 KB at most, on the host stack: fine on any thread torch runs ops on.)
 template <typename Layer, typename Launch>
 void for_each_chunk(const std::vector<Layer>& layers, Launch&& launch) {
   for (size_t first = 0; first < layers.size(); first += kTableCapacity) {
+    TORCH_INTERNAL_ASSERT(
+        numbered_from_zero(layers[first]), "sn_cuda: the plan did not restart its item numbers "
+        "at layer ", first, " (starts_chunk and for_each_chunk disagree)");
     const size_t count = std::min<size_t>(layers.size() - first, kTableCapacity);
     if (count <= kSmallTable) {
       launch(table_of<kSmallTable>(layers, first, count), first, count);
+    } else if (count <= kMediumTable) {
+      launch(table_of<kMediumTable>(layers, first, count), first, count);
     } else {
       launch(table_of<kTableCapacity>(layers, first, count), first, count);
     }

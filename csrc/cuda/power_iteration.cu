@@ -159,8 +159,10 @@ __global__ void __launch_bounds__(kThreads) matvec_rows_kernel(
 }
 
 // Launch B: t = W^T u for every layer of the chunk (arguments as launch A's).
+// At least 4 blocks per SM (<= 64 registers): left to its own occupancy target (48 registers),
+// ptxas spilled a register here (nvcc 13.0, float32 on sm_90, float64 on sm_80).
 template <typename T, typename A, int Cap>
-__global__ void __launch_bounds__(kThreads) matvec_cols_kernel(
+__global__ void __launch_bounds__(kThreads, 4) matvec_cols_kernel(
     const __grid_constant__ LayerTable<PowerLayer, Cap> table, int num_layers,
     int64_t total_items, A* acc, unsigned int* counters, A* sigmas, A* uv, A eps,
     bool vectors_from_uv, bool write_sigma) {
