@@ -82,22 +82,17 @@ def _uv_numel(weights: Sequence[Tensor], dims: Sequence[int]) -> int:
 # (bench/RESULTS.md: a step's boundary cost went from 363 to 273 µs at 11 layers, 1328 to
 # 995 µs at 64, kernels excluded). Here each dispatch key does only what these ops need. The
 # schemas are the contract with csrc/ (TORCH_LIBRARY_IMPL(sn_cuda, CUDA)).
-_lib = torch.library.Library("sn_cuda", "FRAGMENT")
-_TAGS = (torch.Tag.pt2_compliant_tag,)
-_lib.define(
+# (tests/test_kernels_emulated.py defines the same schemas in a test-only namespace.)
+SCHEMAS = (
     "power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, "
     "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor, Tensor)",
-    tags=_TAGS,
-)
-_lib.define(
     "normalize(Tensor[] weights, Tensor sigmas, Tensor uv, SymInt[] dims) -> (Tensor[], Tensor)",
-    tags=_TAGS,
-)
-_lib.define(
     "normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas, "
     "Tensor uv, SymInt[] dims) -> Tensor[]",
-    tags=_TAGS,
 )
+_lib = torch.library.Library("sn_cuda", "FRAGMENT")
+for _schema in SCHEMAS:
+    _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
 power_iteration_op = torch.ops.sn_cuda.power_iteration.default
 normalize_op = torch.ops.sn_cuda.normalize.default
 normalize_backward_op = torch.ops.sn_cuda.normalize_backward.default

@@ -68,11 +68,20 @@ inline void check_list(
   }
 }
 
+// The device type the kernels run on: CUDA, or the CPU in the emulated build (tests/cuda_emu).
+#ifdef SN_CUDA_EMULATE
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#endif
+
 // The first tensor of a non-empty list: a CUDA tensor of a floating dtype the kernels run.
 inline void check_first(const char* op, at::TensorList tensors, const char* name) {
   TORCH_CHECK(!tensors.empty(), op, ": ", name, " must hold at least one tensor");
   const at::Tensor& t = tensors[0];
-  TORCH_CHECK(t.defined() && t.is_cuda(), op, ": ", name, "[0] must be a CUDA tensor");
+  TORCH_CHECK(
+      t.defined() && t.device().type() == kKernelDevice, op, ": ", name, "[0] must be a ",
+      c10::DeviceTypeName(kKernelDevice), " tensor");
   const auto dtype = t.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,

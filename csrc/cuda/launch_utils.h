@@ -1,17 +1,29 @@
-// How one op call's layers reach the kernels: the layer table by value, chunk by chunk, and the
-// call's device scratch (counters and accumulators) in one allocation.
+// How one op call's layers reach the kernels: the layer table by value, chunk by chunk, the
+// call's device scratch (counters and accumulators) in one allocation, and the launches.
+//
+// Everything the op files need from the CUDA runtime goes through this file (the stream, the
+// launch and its check, the memset, the registration), so that tests/cuda_emu can compile the
+// same op files as plain C++ with SN_CUDA_EMULATE defined and run every kernel on the CPU,
+// block after block, each block's threads as fibers (tests/test_kernels_emulated.py).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#ifndef SN_CUDA_EMULATE
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
+#endif
 
 #include "cuda/host_utils.h"
 #include "layer_table.h"
@@ -60,6 +72,32 @@ void for_each_chunk(const std::vector<Layer>& layers, Launch&& launch) {
   }
 }
 
+// The stream the call's work goes to: the current CUDA stream.
+#ifdef SN_CUDA_EMULATE
+using Stream = int;  // the emulator runs each launch to completion, in order
+inline Stream current_stream() { return 0; }
+#else
+using Stream = cudaStream_t;
+inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+#endif
+
+// Grid size for `items` work items (the kernels also stride over items, for huge calls).
+inline unsigned int grid_for(int64_t items) {
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(items, 1), 1 << 30));
+}
+
+// kernel<<<grid_for(items), kThreads, 0, stream>>>(args...), then the launch check.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t items, Stream stream, Args&&... args) {
+#ifdef SN_CUDA_EMULATE
+  (void)stream;
+  sn_cuda_emu::launch(kernel, grid_for(items), kThreads, std::forward<Args>(args)...);
+#else
+  kernel<<<grid_for(items), kThreads, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
 // One call's scratch on the device: [counters | accumulators].
 struct Scratch {
   at::Tensor buffer;  // keeps the allocation alive until the call's kernels are queued
@@ -72,20 +110,30 @@ struct Scratch {
 // when they finish with it. The accumulators are left uninitialised: the kernels write every
 // accumulator before reading it. No host-device synchronization.
 inline Scratch make_scratch(
-    int64_t num_counters, int64_t acc_bytes, const at::Device& device, cudaStream_t stream) {
+    int64_t num_counters, int64_t acc_bytes, const at::Device& device, Stream stream) {
   const int64_t head = round_up(num_counters * int64_t{sizeof(unsigned int)}, 16);
   Scratch s;
   s.buffer = at::empty({head + acc_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* d = static_cast<uint8_t*>(s.buffer.data_ptr());
-  if (head > 0) C10_CUDA_CHECK(cudaMemsetAsync(d, 0, static_cast<size_t>(head), stream));
+  if (head > 0) {
+#ifdef SN_CUDA_EMULATE
+    (void)stream;
+    std::memset(d, 0, static_cast<size_t>(head));
+#else
+    C10_CUDA_CHECK(cudaMemsetAsync(d, 0, static_cast<size_t>(head), stream));
+#endif
+  }
   s.counters = reinterpret_cast<unsigned int*>(d);
   s.acc = d + head;
   return s;
 }
 
-// Grid size for `items` work items (the kernels also stride over items, for huge calls).
-inline unsigned int grid_for(int64_t items) {
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(items, 1), 1 << 30));
-}
-
 }  // namespace sn_cuda
+
+// Registers an op file's kernels: for CUDA tensors, or, in the emulated build, for the CPU
+// tensors of the test-only namespace sn_cuda_emu (same schemas, tests/test_kernels_emulated.py).
+#ifdef SN_CUDA_EMULATE
+#define SN_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sn_cuda_emu, CPU, m)
+#else
+#define SN_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sn_cuda, CUDA, m)
+#endif

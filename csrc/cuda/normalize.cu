@@ -11,11 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
@@ -85,7 +81,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
     uv_elems += m.rows + m.cols;
   }
   check_acc_vector(op, uv, "uv", uv_elems, device, acc);  // unused here; the backward's input
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
 
   const at::Tensor sig = sigmas.contiguous();
   // A non-contiguous weight is made contiguous first (the flat loop reads contiguous storage);
@@ -113,17 +109,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
     L.aligned = aligned16(L.in) && aligned16(L.out);
   }
   at::Tensor sigmas_out = at::empty({n}, sig.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_cuda::normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_chunk(table, [&](const auto& chunk, size_t first, size_t count) {
       constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
       const ElementLayer& last = chunk.layer[count - 1];
       const int64_t chunk_items = last.begin + last.items;
-      divide_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+      launch(divide_kernel<scalar_t, acc_t, cap>, chunk_items, stream,
           chunk, static_cast<int>(count), chunk_items, sig.const_data_ptr<acc_t>() + first,
           sigmas_out.mutable_data_ptr<acc_t>() + first);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {outputs, sigmas_out};
@@ -132,6 +127,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
 }  // namespace
 }  // namespace sn_cuda
 
-TORCH_LIBRARY_IMPL(sn_cuda, CUDA, m) {
+SN_CUDA_KERNELS(m) {
   m.impl("normalize", &sn_cuda::normalize_cuda);
 }

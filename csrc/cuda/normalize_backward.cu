@@ -14,11 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <type_traits>
@@ -176,7 +172,7 @@ std::vector<at::Tensor> normalize_backward_cuda(
   check_acc_vector(op, sigmas, "sigmas", n, device, acc);
   const bool has_grad_sigmas = grad_sigmas.has_value() && grad_sigmas->defined();
   if (has_grad_sigmas) check_acc_vector(op, *grad_sigmas, "grad_sigmas", n, device, acc);
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
 
   // Non-contiguous inputs (an expanded gradient from .sum(), say) are made contiguous first:
   // the flat loop reads contiguous storage, at any storage offset.
@@ -214,7 +210,7 @@ std::vector<at::Tensor> normalize_backward_cuda(
   const at::Tensor gsig = has_grad_sigmas ? grad_sigmas->contiguous() : at::Tensor();
 
   // Scratch accumulators: one partial per item, then one coefficient per layer.
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   const int64_t acc_size = static_cast<int64_t>(c10::elementSize(acc));
   const Scratch scratch =
       make_scratch(/*num_counters=*/n, (total_items + n) * acc_size, device, stream);
@@ -228,14 +224,12 @@ std::vector<at::Tensor> normalize_backward_cuda(
       constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
       const ElementLayer& last = chunk.layer[count - 1];
       const int64_t chunk_items = last.begin + last.items;
-      grad_dot_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+      launch(grad_dot_kernel<scalar_t, acc_t, cap>, chunk_items, stream,
           chunk, static_cast<int>(count), chunk_items, partials, scratch.counters + first,
           sp + first, gsp != nullptr ? gsp + first : nullptr, coefs + first);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_weight_kernel<scalar_t, acc_t, cap><<<grid_for(chunk_items), kThreads, 0, stream>>>(
+      launch(grad_weight_kernel<scalar_t, acc_t, cap>, chunk_items, stream,
           chunk, static_cast<int>(count), chunk_items, uvc.const_data_ptr<acc_t>(), sp + first,
           coefs + first);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       partials += chunk_items;
     });
   });
@@ -245,6 +239,6 @@ std::vector<at::Tensor> normalize_backward_cuda(
 }  // namespace
 }  // namespace sn_cuda
 
-TORCH_LIBRARY_IMPL(sn_cuda, CUDA, m) {
+SN_CUDA_KERNELS(m) {
   m.impl("normalize_backward", &sn_cuda::normalize_backward_cuda);
 }

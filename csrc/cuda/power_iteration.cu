@@ -22,11 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
@@ -283,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
   check_list(op, vs, "vs", device, dtype);
   const std::vector<int64_t> wrapped = checked_dims(op, weights, dims, "weights");
   const int64_t iterations = n_power_iterations.expect_int();
-  c10::cuda::CUDAGuard guard(device);
+  c10::DeviceGuard guard(device);
 
   // The kernels address a weight's contiguous storage as (pre, rows, post). A non-contiguous
   // weight (a transposed view, channels_last) is made contiguous first; the usual contiguous
@@ -310,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
   const auto acc_options = at::TensorOptions().dtype(acc).device(device);
   at::Tensor sigmas = at::empty({static_cast<int64_t>(n)}, acc_options);
   at::Tensor uv = at::empty({plan.uv_elems}, acc_options);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   const Scratch scratch = make_scratch(
       plan.counters, plan.acc_elems * static_cast<int64_t>(c10::elementSize(acc)), device, stream);
   const bool iterate = training && iterations > 0;  // else sigma = u . W v from the buffers
@@ -330,17 +326,15 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
       // The first launch reads the buffers; every later one the vectors the previous wrote.
       bool from_uv = false;
       auto rows = [&](bool eval, bool write_sigma) {
-        matvec_rows_kernel<scalar_t, acc_t, cap><<<grid_for(a_items), kThreads, 0, stream>>>(
+        launch(matvec_rows_kernel<scalar_t, acc_t, cap>, a_items, stream,
             chunk, num_layers, a_items, acc_buf, scratch.counters, sig, uvp, e, eval, from_uv,
             write_sigma);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         from_uv = true;
       };
       auto cols = [&](bool write_sigma) {
-        matvec_cols_kernel<scalar_t, acc_t, cap><<<grid_for(b_items), kThreads, 0, stream>>>(
+        launch(matvec_cols_kernel<scalar_t, acc_t, cap>, b_items, stream,
             chunk, num_layers, b_items, acc_buf, scratch.counters, sig, uvp, e, from_uv,
             write_sigma);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
         from_uv = true;
       };
       if (!iterate) {
@@ -365,6 +359,6 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
 }  // namespace
 }  // namespace sn_cuda
 
-TORCH_LIBRARY_IMPL(sn_cuda, CUDA, m) {
+SN_CUDA_KERNELS(m) {
   m.impl("power_iteration", &sn_cuda::power_iteration_cuda);
 }

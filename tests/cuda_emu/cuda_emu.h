@@ -1,0 +1,199 @@
+// A CUDA emulator just big enough to run sn_cuda's kernels on the CPU, for tests without a GPU.
+//
+// Force-included (g++ -include) before csrc/cuda/*.cu compiled as C++ with SN_CUDA_EMULATE:
+// it defines the CUDA keywords, built-in variables and intrinsics the kernels use, and
+// sn_cuda_emu::launch, which csrc/cuda/launch_utils.h calls instead of <<<...>>>.
+//
+// How a launch runs: blocks one after another (a legal schedule: the kernels' blocks never
+// wait for each other, they only ask "am I the last to arrive?"), at most kMaxBlocks of them,
+// so that the kernels' grid-stride loops run too. A block's threads are fibers (ucontext) on
+// one OS thread; a fiber runs until it reaches __syncthreads or a warp shuffle, where it waits
+// for the rest of its block or warp. __shared__ variables are function statics, one per
+// kernel instantiation: shared by the block's fibers, as on a GPU. Threads that have exited no
+// longer count at a barrier (as on sm_70+).
+//
+// What it checks: the arithmetic, indexing, tiling, reductions, "last block" protocols and
+// host-side planning of the kernels, on every line. What it cannot: the memory model (fences,
+// caches), real concurrency, launch limits, performance. The GPU tests do those.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static
+
+struct dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+
+// The running fiber's coordinates. External linkage, so that the compiler reloads them after
+// every switch (a switch is an opaque call that may write them).
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace sn_cuda_emu {
+
+constexpr unsigned int kMaxBlocks = 3;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStackBytes = 256 * 1024;  // a kernel's frame holds its table parameter (<= 25 KB)
+
+struct Runtime {
+  ucontext_t scheduler;
+  std::vector<ucontext_t> contexts = std::vector<ucontext_t>(kMaxThreads);
+  std::vector<std::vector<char>> stacks;
+  std::vector<char> done = std::vector<char>(kMaxThreads);
+  int threads = 0, live = 0, current = 0;
+  int block_arrived = 0;
+  unsigned int block_generation = 0;
+  int warp_live[kMaxThreads / 32] = {};
+  int warp_arrived[kMaxThreads / 32] = {};
+  unsigned int warp_generation[kMaxThreads / 32] = {};
+  unsigned char lanes[kMaxThreads][8] = {};  // values in flight through a shuffle
+  std::function<void()> body;
+};
+
+inline Runtime& runtime() {
+  static Runtime r;
+  return r;
+}
+
+// Back to the scheduler; returns when the scheduler switches to this fiber again.
+inline void yield() {
+  Runtime& r = runtime();
+  swapcontext(&r.contexts[r.current], &r.scheduler);
+}
+
+inline void fiber_main() {
+  Runtime& r = runtime();
+  r.body();
+  r.done[r.current] = 1;
+  --r.live;
+  --r.warp_live[r.current / 32];
+  // Returning resumes uc_link: the scheduler.
+}
+
+// Waits until every live thread counted by `live` has arrived at the barrier of this generation.
+inline void wait_at(int& arrived, unsigned int& generation, const int& live) {
+  const unsigned int mine = generation;
+  ++arrived;
+  while (generation == mine) {
+    if (arrived >= live) {  // the last to arrive (or the rest have exited): release everyone
+      arrived = 0;
+      ++generation;
+      break;
+    }
+    yield();
+  }
+}
+
+inline void block_barrier() {
+  Runtime& r = runtime();
+  wait_at(r.block_arrived, r.block_generation, r.live);
+}
+
+inline void warp_barrier() {
+  Runtime& r = runtime();
+  const int w = r.current / 32;
+  wait_at(r.warp_arrived[w], r.warp_generation[w], r.warp_live[w]);
+}
+
+// Runs `body` as `threads` fibers (threadIdx.x = 0 .. threads - 1) until all have returned.
+inline void run_block(int threads, std::function<void()> body) {
+  Runtime& r = runtime();
+  if (threads > kMaxThreads) throw std::runtime_error("cuda_emu: too many threads per block");
+  if (r.stacks.size() < static_cast<size_t>(threads)) r.stacks.resize(threads);
+  r.body = std::move(body);
+  r.threads = r.live = threads;
+  r.block_arrived = 0;
+  for (int w = 0; w < kMaxThreads / 32; ++w) {
+    r.warp_live[w] = std::max(0, std::min(32, threads - 32 * w));
+    r.warp_arrived[w] = 0;
+  }
+  for (int t = 0; t < threads; ++t) {
+    if (r.stacks[t].empty()) r.stacks[t].resize(kStackBytes);
+    getcontext(&r.contexts[t]);
+    r.contexts[t].uc_stack.ss_sp = r.stacks[t].data();
+    r.contexts[t].uc_stack.ss_size = r.stacks[t].size();
+    r.contexts[t].uc_link = &r.scheduler;
+    makecontext(&r.contexts[t], fiber_main, 0);
+    r.done[t] = 0;
+  }
+  blockDim.x = static_cast<unsigned int>(threads);
+  for (long rounds = 0; r.live > 0; ++rounds) {
+    if (rounds > 100000000L) throw std::runtime_error("cuda_emu: block does not finish (deadlock?)");
+    for (int t = 0; t < threads; ++t) {
+      if (r.done[t]) continue;
+      r.current = t;
+      threadIdx.x = static_cast<unsigned int>(t);
+      swapcontext(&r.scheduler, &r.contexts[t]);
+    }
+  }
+}
+
+// kernel<<<grid, threads>>>(args...), run to completion.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned int grid, int threads, Args&&... args) {
+  const unsigned int blocks = std::min(grid, kMaxBlocks);
+  gridDim.x = blocks;
+  for (unsigned int b = 0; b < blocks; ++b) {
+    blockIdx.x = b;
+    run_block(threads, [&] { kernel(args...); });
+  }
+}
+
+}  // namespace sn_cuda_emu
+
+// ---- intrinsics --------------------------------------------------------------------------
+inline void __syncthreads() { sn_cuda_emu::block_barrier(); }
+inline void __threadfence() {}
+
+template <typename T>
+T __shfl_down_sync(unsigned int /*mask*/, T value, unsigned int delta, int width = 32) {
+  static_assert(sizeof(T) <= 8, "cuda_emu: shuffles of up to 8 bytes");
+  sn_cuda_emu::Runtime& r = sn_cuda_emu::runtime();
+  const int t = r.current, lane = t % 32;
+  std::memcpy(r.lanes[t], &value, sizeof(T));
+  sn_cuda_emu::warp_barrier();  // every lane's value is in place
+  const int source = lane + static_cast<int>(delta);
+  T out = value;
+  if (source / width == lane / width && source < 32) {  // inside this lane's segment
+    std::memcpy(&out, r.lanes[t - lane + source], sizeof(T));
+  }
+  sn_cuda_emu::warp_barrier();  // every lane has read before any writes the next value
+  return out;
+}
+
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old + value;
+  return old;
+}
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+template <typename T>
+void __stcg(T* p, T value) {
+  *p = value;
+}

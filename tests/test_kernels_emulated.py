@@ -1,0 +1,141 @@
+"""The CUDA kernels, run on the CPU by a small CUDA emulator, against the float64 reference.
+
+csrc/cuda/*.cu are compiled here as plain C++ with ``SN_CUDA_EMULATE`` and the emulator
+(tests/cuda_emu/cuda_emu.h) force-included: the same kernels and the same host code (checks,
+plans, layer-table chunks, launch sequence), registered for CPU tensors in a test-only
+namespace, ``sn_cuda_emu``, with sn_cuda's schemas. Each block's threads run as fibers with
+real barriers and warp shuffles, blocks one after another, at most three per launch so that
+the grid-stride loops run as well. The checks are test_kernels_cuda.py's ``run_and_check``.
+
+So every kernel line runs in CI, without a GPU: indexing, tiling, tails, misaligned and
+strided inputs, every dtype, the "last block" protocols, the reductions' fixed order, and the
+chunks of more than 128 layers. What only the GPU tests can show: the memory model (fences,
+caches), real concurrency, launch limits, speed.
+
+Uninitialised memory is poisoned as on the GPU: under ``torch.use_deterministic_algorithms``
+torch fills every new CPU tensor with NaN (0xFF bytes for the scratch), so an output or a
+counter the kernels forget to write shows up. Needs a C++ compiler and ucontext (Linux).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from sn_cuda import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_kernels_cuda as K  # noqa: E402  (run_and_check and the layer lists)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+
+# Small odd shapes that still have every case of the tiling (ODD_LAYERS' largest are slow here):
+# one row / column / element, tall with several column chunks in launch B, wide with many
+# threads per row, several row items, the middle and last dims, a ConvTranspose weight, a
+# 1-D weight, empty weights.
+LAYERS = [
+    ((1, 1), 0),
+    ((1, 37), 0),
+    ((37, 1), 0),
+    ((1100, 20), 0),
+    ((3, 1030), 0),
+    ((3, 5, 7), 0),
+    ((60, 70), 0),
+    ((130, 33), 0),
+    ((5, 3, 7), 1),
+    ((4, 3, 5), 2),
+    ((6, 5, 3, 3), 1),
+    ((9,), 0),
+    ((5, 0), 0),
+    ((0, 6), 0),
+]
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The three ops of the emulated build (built on first use, ~30 s, then cached)."""
+    if not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("the CUDA emulator needs Linux (ucontext) and a C++ compiler")
+    from torch.utils import cpp_extension
+
+    lib = torch.library.Library("sn_cuda_emu", "DEF")
+    for schema in ops.SCHEMAS:
+        lib.define(schema)
+    cpp_extension.load(
+        name="sn_cuda_emu",
+        sources=[os.path.join(EMU, f"{op}.cpp") for op in ("power_iteration", "normalize", "normalize_backward")],
+        extra_cflags=["-O1", "-DSN_CUDA_EMULATE", "-include", os.path.join(EMU, "cuda_emu.h"), "-Wno-unknown-pragmas"],
+        extra_include_paths=[os.path.join(ROOT, "csrc")],
+        is_python_module=False,
+    )
+    emu = torch.ops.sn_cuda_emu
+    yield K.Ops(power_iteration=emu.power_iteration, normalize=emu.normalize, normalize_backward=emu.normalize_backward)
+    del lib
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """New CPU tensors filled with NaN / 0xFF bytes, as poison_allocator does on the GPU."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.empty(1).isnan().all(), "torch no longer fills new tensors in deterministic mode"
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def check(emulated, layers, dtype=torch.float32, mode=K.MODES[0], **kwargs):
+    training, n_iter, u_first = mode
+    return K.run_and_check(
+        layers, dtype, training=training, n_iter=n_iter, u_first=u_first, device="cpu", ops=emulated, **kwargs
+    )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "strided"])
+@pytest.mark.parametrize("mode", K.MODES, ids=K.MODE_IDS)
+@pytest.mark.parametrize("dtype", K.DTYPES, ids=str)
+def test_odd_shapes(emulated, dtype, mode, layout):
+    check(emulated, LAYERS, dtype, mode, layout=layout)
+
+
+@pytest.mark.parametrize("grad_sigmas", [False, True])
+def test_without_grad_sigmas(emulated, grad_sigmas):
+    check(emulated, LAYERS, grad_sigmas=grad_sigmas)
+
+
+def test_zero_iterations_in_training_is_eval(emulated):
+    check(emulated, LAYERS, mode=(True, 0, True))
+
+
+# Up to 16 layers take the small table, up to 64 the medium one, up to 128 the big one; more
+# run in chunks of 128 (csrc/layer_table.h).
+@pytest.mark.parametrize("mode", [K.MODES[0], K.MODES[3], K.MODES[4]], ids=["train-param", "train3-hook", "eval"])
+@pytest.mark.parametrize("count", [16, 17, 65, 145])
+def test_table_sizes_and_chunks(emulated, count, mode):
+    layers = (LAYERS * (count // len(LAYERS) + 1))[:count]
+    check(emulated, layers, mode=mode, layout="offset")
+
+
+@pytest.mark.parametrize("model", ["sngan_cifar_resnet_d", "sngan_cifar_cnn_d_table3"])
+def test_model_shapes(emulated, model):
+    check(emulated, K.MODEL_LAYERS[model], mode=K.MODES[1])
+
+
+def test_reruns_are_bit_identical(emulated):
+    runs = [check(emulated, LAYERS, mode=K.MODES[3], seed=3) for _ in range(2)]
+    for key, first in runs[0].items():
+        pairs = zip(first, runs[1][key]) if isinstance(first, list) else [(first, runs[1][key])]
+        for i, (a, b) in enumerate(pairs):
+            assert torch.equal(a, b), f"{key}[{i}] differs between two identical calls"
+
+
+def test_argument_errors_name_the_argument(emulated):
+    weights, us, vs, dims = K.make_layers([((4, 3), 0), ((5, 2), 0)], torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"us\[1\] must be a vector of 5 elements"):
+        emulated.power_iteration(weights, [us[0], us[0]], vs, dims, True, 1, K.EPS, True)
+    with pytest.raises(RuntimeError, match="weights must be float32, float16, bfloat16 or float64"):
+        emulated.power_iteration([w.int() for w in weights], us, vs, dims, True, 1, K.EPS, True)
