@@ -68,12 +68,13 @@ def emulated():
         lib.define(schema)
     cpp_extension.load(
         name="sn_cuda_emu",
-        sources=[os.path.join(EMU, f"{op}.cpp") for op in ("power_iteration", "normalize", "normalize_backward")],
+        sources=[os.path.join(EMU, f"{name}.cpp") for name in ("power_iteration", "normalize", "normalize_backward", "schedule")],
         extra_cflags=["-O1", "-DSN_CUDA_EMULATE", "-include", os.path.join(EMU, "cuda_emu.h"), "-Wno-unknown-pragmas"],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         is_python_module=False,
     )
     emu = torch.ops.sn_cuda_emu
+    emu.set_schedule(0, 0)
     yield K.Ops(power_iteration=emu.power_iteration, normalize=emu.normalize, normalize_backward=emu.normalize_backward)
     del lib
 
@@ -123,6 +124,19 @@ def test_table_sizes_and_chunks(emulated, count, mode):
 @pytest.mark.parametrize("model", ["sngan_cifar_resnet_d", "sngan_cifar_cnn_d_table3"])
 def test_model_shapes(emulated, model):
     check(emulated, K.MODEL_LAYERS[model], mode=K.MODES[1])
+
+
+# A block's threads between barriers in reverse and in random orders: a kernel that reads what
+# another thread wrote without a barrier between them fails here (in thread order it may not).
+@pytest.mark.parametrize("order", [1, 2], ids=["reverse", "random"])
+@pytest.mark.parametrize("mode", [K.MODES[0], K.MODES[3], K.MODES[4]], ids=["train-param", "train3-hook", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thread_orders(emulated, dtype, mode, order):
+    torch.ops.sn_cuda_emu.set_schedule(order, 1234)
+    try:
+        check(emulated, LAYERS, dtype, mode, layout="offset")
+    finally:
+        torch.ops.sn_cuda_emu.set_schedule(0, 0)
 
 
 def test_reruns_are_bit_identical(emulated):

@@ -8,7 +8,9 @@
 // wait for each other, they only ask "am I the last to arrive?"), at most kMaxBlocks of them,
 // so that the kernels' grid-stride loops run too. A block's threads are fibers (ucontext) on
 // one OS thread; a fiber runs until it reaches __syncthreads or a warp shuffle, where it waits
-// for the rest of its block or warp. __shared__ variables are function statics, one per
+// for the rest of its block or warp. Between two such points the fibers run in thread order,
+// in reverse, or in a random order drawn anew each time (set_schedule): code that reads what
+// another thread wrote without a barrier between them gets different results. __shared__ variables are function statics, one per
 // kernel instantiation: shared by the block's fibers, as on a GPU. Threads that have exited no
 // longer count at a barrier (as on sm_70+).
 //
@@ -25,6 +27,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <vector>
 
@@ -66,11 +70,21 @@ struct Runtime {
   unsigned int warp_generation[kMaxThreads / 32] = {};
   unsigned char lanes[kMaxThreads][8] = {};  // values in flight through a shuffle
   std::function<void()> body;
+  int order = 0;  // 0: thread order, 1: reverse, 2: random (seeded)
+  std::mt19937_64 rng;
+  std::vector<int> schedule;
 };
 
 inline Runtime& runtime() {
   static Runtime r;
   return r;
+}
+
+// The order in which the fibers of a block run between barriers (see the top of this file).
+inline void set_schedule(int order, uint64_t seed) {
+  if (order < 0 || order > 2) throw std::invalid_argument("cuda_emu: order must be 0, 1 or 2");
+  runtime().order = order;
+  runtime().rng.seed(seed);
 }
 
 // Back to the scheduler; returns when the scheduler switches to this fiber again.
@@ -135,9 +149,13 @@ inline void run_block(int threads, std::function<void()> body) {
     r.done[t] = 0;
   }
   blockDim.x = static_cast<unsigned int>(threads);
+  r.schedule.resize(threads);
+  std::iota(r.schedule.begin(), r.schedule.end(), 0);
+  if (r.order == 1) std::reverse(r.schedule.begin(), r.schedule.end());
   for (long rounds = 0; r.live > 0; ++rounds) {
     if (rounds > 100000000L) throw std::runtime_error("cuda_emu: block does not finish (deadlock?)");
-    for (int t = 0; t < threads; ++t) {
+    if (r.order == 2) std::shuffle(r.schedule.begin(), r.schedule.end(), r.rng);
+    for (const int t : r.schedule) {
       if (r.done[t]) continue;
       r.current = t;
       threadIdx.x = static_cast<unsigned int>(t);
