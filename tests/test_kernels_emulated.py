@@ -5,7 +5,8 @@ csrc/cuda/*.cu are compiled here as plain C++ with ``SN_CUDA_EMULATE`` and the e
 plans, layer-table chunks, launch sequence), registered for CPU tensors in a test-only
 namespace, ``sn_cuda_emu``, with sn_cuda's schemas. Each block's threads run as fibers with
 real barriers and warp shuffles, blocks one after another, at most three per launch so that
-the grid-stride loops run as well. The checks are test_kernels_cuda.py's ``run_and_check``.
+the grid-stride loops run as well. The checks are test_kernels_cuda.py's ``run_and_check``;
+the last test runs sn_cuda's modules on the emulated kernels against torch (module_parity.py).
 
 So every kernel line runs in CI, without a GPU: indexing, tiling, tails, misaligned and
 strided inputs, every dtype, the "last block" protocols, the reductions' fixed order, and the
@@ -20,19 +21,15 @@ counter the kernels forget to write shows up. Needs a C++ compiler and ucontext 
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from sn_cuda import ops
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_kernels_cuda as K  # noqa: E402  (run_and_check and the layer lists)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
+from cuda_emu import build  # noqa: E402
 
 # Small odd shapes that still have every case of the tiling (ODD_LAYERS' largest are slow here):
 # one row / column / element, tall with several column chunks in launch B, wide with many
@@ -59,20 +56,10 @@ LAYERS = [
 @pytest.fixture(scope="module")
 def emulated():
     """The three ops of the emulated build (built on first use, ~30 s, then cached)."""
-    if not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("the CUDA emulator needs Linux (ucontext) and a C++ compiler")
-    from torch.utils import cpp_extension
-
-    lib = torch.library.Library("sn_cuda_emu", "DEF")
-    for schema in ops.SCHEMAS:
-        lib.define(schema)
-    cpp_extension.load(
-        name="sn_cuda_emu",
-        sources=[os.path.join(EMU, f"{name}.cpp") for name in ("power_iteration", "normalize", "normalize_backward", "schedule")],
-        extra_cflags=["-O1", "-DSN_CUDA_EMULATE", "-include", os.path.join(EMU, "cuda_emu.h"), "-Wno-unknown-pragmas"],
-        extra_include_paths=[os.path.join(ROOT, "csrc")],
-        is_python_module=False,
-    )
+    why_not = build.unavailable()
+    if why_not:
+        pytest.skip(why_not)
+    lib = build.load()
     emu = torch.ops.sn_cuda_emu
     emu.set_schedule(0, 0)
     yield K.Ops(power_iteration=emu.power_iteration, normalize=emu.normalize, normalize_backward=emu.normalize_backward)
@@ -153,3 +140,14 @@ def test_argument_errors_name_the_argument(emulated):
         emulated.power_iteration(weights, [us[0], us[0]], vs, dims, True, 1, K.EPS, True)
     with pytest.raises(RuntimeError, match="weights must be float32, float16, bfloat16 or float64"):
         emulated.power_iteration([w.int() for w in weights], us, vs, dims, True, 1, K.EPS, True)
+
+
+def test_modules_on_the_emulated_kernels_match_torch():
+    """sn_cuda's modules, batch(), the C++ autograd and the kernels together, against torch's
+    spectral norm, in a process of its own (tests/cuda_emu/module_parity.py says why)."""
+    why_not = build.unavailable()
+    if why_not:
+        pytest.skip(why_not)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "module_parity.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "module_parity: ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]

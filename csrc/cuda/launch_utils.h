@@ -130,9 +130,12 @@ inline Scratch make_scratch(
 
 }  // namespace sn_cuda
 
-// Registers an op file's kernels: for CUDA tensors, or, in the emulated build, for the CPU
-// tensors of the test-only namespace sn_cuda_emu (same schemas, tests/test_kernels_emulated.py).
-#ifdef SN_CUDA_EMULATE
+// Registers an op file's kernels: for CUDA tensors, or, in the emulated build, for CPU tensors,
+// under the test-only namespace sn_cuda_emu (same schemas) or as sn_cuda's own CPU kernels
+// (tests/cuda_emu/build.py).
+#if defined(SN_CUDA_EMULATE) && defined(SN_CUDA_EMULATE_AS_SN_CUDA)
+#define SN_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sn_cuda, CPU, m)
+#elif defined(SN_CUDA_EMULATE)
 #define SN_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sn_cuda_emu, CPU, m)
 #else
 #define SN_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(sn_cuda, CUDA, m)

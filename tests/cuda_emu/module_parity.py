@@ -1,0 +1,121 @@
+"""sn_cuda's modules on the emulated CUDA kernels, on the CPU, against torch's spectral norm.
+
+Run by tests/test_kernels_emulated.py in a process of its own: it registers the emulated
+kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
+(``ops.uses_kernels``), which must not reach the other tests. What it covers that the op-level
+tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
+together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
+forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
+steps. Compared to float tolerance (the kernels reduce in another order than torch).
+
+    python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sn_cuda  # noqa: E402
+import sn_cuda.legacy  # noqa: E402
+from cuda_emu import build  # noqa: E402
+from sn_cuda import ops  # noqa: E402
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+FLAVOURS = {  # name: (torch's, sn_cuda's)
+    "param": (torch.nn.utils.parametrizations.spectral_norm, sn_cuda.spectral_norm),
+    "legacy": (torch.nn.utils.spectral_norm, sn_cuda.legacy.spectral_norm),
+}
+
+
+def model(sn_fn) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.ConvTranspose2d(8, 4, 2, stride=2),
+        nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 16 * 16, 1),
+    )
+    torch.manual_seed(1)
+    for i in (0, 2, 5):
+        sn_fn(m[i])
+    return m
+
+
+def compare(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def train_and_compare(flavour: str, batched: bool) -> None:
+    torch_fn, sn_fn = FLAVOURS[flavour]
+    ref, sn = model(torch_fn), model(sn_fn)
+    handle = sn_cuda.batch(sn) if batched else None
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, sn)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        real, fake = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
+        losses = []
+        for m, opt in zip((ref, sn), opts):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.softplus(-m(real)).mean() + nn.functional.softplus(m(fake)).mean()
+            loss.backward()
+            losses.append(loss)
+        when = f"{flavour}{' batched' if batched else ''}, step {step}"
+        compare(f"loss, {when}", losses[1], losses[0])
+        for (key, a), b in zip(sn.named_parameters(), ref.parameters()):
+            compare(f"grad of {key}, {when}", a.grad, b.grad)
+        for (key, a), b in zip(sn.named_buffers(), ref.buffers()):
+            compare(f"{key}, {when}", a, b)
+        for opt in opts:
+            opt.step()
+    for m in (ref, sn):
+        m.eval()
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    compare(f"eval output, {flavour}", sn(x), ref(x))
+    if handle is not None:
+        handle.remove()
+
+
+def penalty_gradient() -> None:
+    """SpectralPenalty differentiates σ itself (normalize_backward's grad_sigmas)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(20, 30), nn.Conv2d(3, 6, 3)]
+    penalty = sn_cuda.SpectralPenalty(nn.Sequential(*layers))
+    value = penalty()
+    value.backward()
+    for i, layer in enumerate(layers):
+        w = layer.weight.detach().double().requires_grad_()
+        mat = w.reshape(w.shape[0], -1)
+        holder = penalty.vectors.get_submodule(str(i))
+        u, v = holder.weight_u.double(), holder.weight_v.double()  # the vectors σ used
+        sigma = torch.dot(u, mat @ v)
+        (sigma**2).backward()
+        compare(f"penalty gradient of layer {i}", layer.weight.grad.double(), w.grad)
+
+
+def main() -> int:
+    why_not = build.unavailable()
+    if why_not:
+        print(f"module_parity: skipped: {why_not}")
+        return 0
+    if not (ops._extension.LOADED and ops._NORMALIZE_HAS_AUTOGRAD):
+        print(f"module_parity: needs the compiled extension's C++ autograd: {ops._extension.LOAD_REASON}")
+        return 1
+    build.load(as_sn_cuda=True)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("sn_cuda::normalize", "CPU"):
+        print("module_parity: the emulated kernels did not register")
+        return 1
+    ops.uses_kernels = lambda weight: weight.dtype in ops._KERNEL_DTYPES  # this process only
+    torch.set_num_threads(1)
+    for flavour in FLAVOURS:
+        for batched in (False, True):
+            train_and_compare(flavour, batched)
+    penalty_gradient()
+    print("module_parity: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
