@@ -143,19 +143,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_autograd(
   return {std::move(out), std::move(sigma_out)};
 }
 
-// u and v change in place: bump their version counters, so that autograd refuses a backward
-// through a graph that saved their old values.
+// u and v change in place when training: bump their version counters, so that autograd
+// refuses a backward through a graph that saved their old values. An inference tensor (made
+// under torch.inference_mode) has no version counter, and bumping it throws torch's own
+// "Inplace update to inference tensor outside InferenceMode" error, as any in-place op on it
+// does outside inference mode (inside it, this kernel is not called). In eval nothing is
+// written, nothing is bumped, and inference tensors are read as torch's flavours read them.
 std::tuple<at::Tensor, at::Tensor> power_iteration_inplace(
     c10::DispatchKeySet keys, at::TensorList weights, at::TensorList us, at::TensorList vs,
     c10::SymIntArrayRef dims, bool u_first, c10::SymInt n_power_iterations, double eps,
     bool training) {
-  // Inference tensors have no version counter (torch.autograd.graph.increment_version skips
-  // them too); bumping one outside inference mode throws.
-  for (const at::Tensor& t : us) {
-    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
-  }
-  for (const at::Tensor& t : vs) {
-    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+  if (training && n_power_iterations.guard_int(__FILE__, __LINE__) > 0) {
+    for (const at::Tensor& t : us) torch::autograd::impl::bump_version(t);
+    for (const at::Tensor& t : vs) torch::autograd::impl::bump_version(t);
   }
   return power_iteration_op().redispatch(
       keys & c10::after_ADInplaceOrView_keyset, weights, us, vs, dims, u_first,

@@ -165,13 +165,15 @@ def _(grads, grad_sigmas, w_sn, sigmas, uv, dims):
 # for power_iteration and normalize's autograd, whose Python versions cost measured host time
 # on every forward (bench/RESULTS.md). Without them, normalize is not called (W/σ is taken in
 # plain torch ops, see spectral_norm) and only the version bump is needed, registered here.
-def _power_iteration_inplace(keyset, weights, us, vs, *args):
-    # u and v change in place: bump their version counters, so that autograd refuses a
-    # backward through a graph that saved their old values.
-    torch.autograd.graph.increment_version(us)
-    torch.autograd.graph.increment_version(vs)
+def _power_iteration_inplace(keyset, weights, us, vs, dims, u_first, n_power_iterations, eps, training):
+    # u and v change in place when training: bump their version counters, so that autograd
+    # refuses a backward through a graph that saved their old values (as csrc/autograd.cpp).
+    if training and n_power_iterations > 0:
+        torch.autograd.graph.increment_version(us)
+        torch.autograd.graph.increment_version(vs)
     return power_iteration_op.redispatch(
-        keyset & torch._C._after_ADInplaceOrView_keyset, weights, us, vs, *args
+        keyset & torch._C._after_ADInplaceOrView_keyset,
+        weights, us, vs, dims, u_first, n_power_iterations, eps, training,
     )
 
 

@@ -6,7 +6,8 @@ kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
 tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
 together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
 forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
-steps. Compared to float tolerance (the kernels reduce in another order than torch).
+steps, u/v made under inference mode. Compared to float tolerance (the kernels reduce in
+another order than torch).
 
     python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
 """
@@ -95,6 +96,24 @@ def penalty_gradient() -> None:
         compare(f"penalty gradient of layer {i}", layer.weight.grad.double(), w.grad)
 
 
+def inference_buffers() -> None:
+    """u/v made under torch.inference_mode: eval reads them; training outside inference mode
+    raises torch's own error, as the reference's in-place update does (the kernels write u/v
+    in place without an op torch could refuse: the version bump must refuse it)."""
+    with torch.inference_mode():
+        weights, us, vs = [torch.randn(4, 3)], [torch.randn(4)], [torch.randn(3)]
+    before = us[0].clone()
+    sigmas, _ = ops.power_iteration_op(weights, us, vs, [0], True, 1, 1e-12, False)
+    compare("eval sigma from inference tensors", sigmas[0], torch.dot(us[0], weights[0] @ vs[0]))
+    try:
+        ops.power_iteration_op(weights, us, vs, [0], True, 1, 1e-12, True)
+    except RuntimeError as e:
+        assert "nference" in str(e), e
+    else:
+        raise AssertionError("training on inference-mode u/v outside inference mode did not raise")
+    assert torch.equal(us[0], before), "the refused call changed u"
+
+
 def main() -> int:
     why_not = build.unavailable()
     if why_not:
@@ -113,6 +132,7 @@ def main() -> int:
         for batched in (False, True):
             train_and_compare(flavour, batched)
     penalty_gradient()
+    inference_buffers()
     print("module_parity: ok")
     return 0
 
