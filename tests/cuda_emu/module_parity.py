@@ -6,8 +6,8 @@ kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
 tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
 together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
 forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
-steps, u/v made under inference mode. Compared to float tolerance (the kernels reduce in
-another order than torch).
+steps, u/v made under inference mode, and torch.library.opcheck of the three ops. Compared to
+float tolerance (the kernels reduce in another order than torch).
 
     python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
 """
@@ -114,6 +114,26 @@ def inference_buffers() -> None:
     assert torch.equal(us[0], before), "the refused call changed u"
 
 
+def opchecks() -> None:
+    """torch.library.opcheck on the kernels: schema (what they mutate), fake kernels (output
+    shapes, strides, dtypes), autograd registration, AOT dispatch."""
+    torch.manual_seed(0)
+    shapes = [((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1), ((1, 5), 0), ((7, 3, 2), 2)]
+    weights = [torch.randn(shape) for shape, _ in shapes]
+    dims = [dim for _, dim in shapes]
+    us = [torch.nn.functional.normalize(torch.randn(w.shape[d]), dim=0) for w, d in zip(weights, dims)]
+    vs = [torch.nn.functional.normalize(torch.randn(w.numel() // w.shape[d]), dim=0) for w, d in zip(weights, dims)]
+    for training in (True, False):
+        torch.library.opcheck(ops.power_iteration_op, (weights, us, vs, dims, True, 1, 1e-12, training))
+    sigmas, uv = ops.power_iteration_op(weights, us, vs, dims, False, 1, 1e-12, True)
+    leaves = [w.clone().requires_grad_() for w in weights]
+    torch.library.opcheck(ops.normalize_op, (leaves, sigmas, uv, dims))
+    grads = [torch.randn_like(w) for w in weights]
+    w_sn = [w / 2 for w in weights]
+    for grad_sigmas in (None, torch.randn_like(sigmas)):
+        torch.library.opcheck(ops.normalize_backward_op, (grads, grad_sigmas, w_sn, sigmas, uv, dims))
+
+
 def main() -> int:
     why_not = build.unavailable()
     if why_not:
@@ -133,6 +153,7 @@ def main() -> int:
             train_and_compare(flavour, batched)
     penalty_gradient()
     inference_buffers()
+    opchecks()
     print("module_parity: ok")
     return 0
 
