@@ -129,7 +129,7 @@ def test_argument_errors_name_the_argument(emulated):
 def test_modules_on_the_emulated_kernels_match_torch():
     """sn_cuda's modules, batch(), the C++ autograd and the kernels together, against torch's
     spectral norm, in a process of its own (tests/cuda_emu/module_parity.py says why)."""
-    why_not = build.unavailable()
+    why_not = build.unavailable(as_sn_cuda=True)
     if why_not:
         pytest.skip(why_not)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "module_parity.py")

@@ -10,6 +10,13 @@
 
 #include "layer_table.h"
 
+// Block-shared memory: `count` values of `type`, declared through this macro so that the CUDA
+// emulator of the tests (tests/cuda_emu) can fill it with garbage at the start of every block,
+// as a GPU's shared memory starts (a read before any write then shows up there too).
+#ifndef SN_SHARED
+#define SN_SHARED(type, name, count) __shared__ type name[count]
+#endif
+
 namespace sn_cuda {
 
 // A = float or double: the accumulation type.
@@ -33,7 +40,7 @@ __device__ __forceinline__ A load_global(const A* p) {
 // reduces the warp sums. Every thread of the block must call it; all get the total.
 template <typename A>
 __device__ A block_sum(A val) {
-  __shared__ A warp_sums[kWarps + 1];
+  SN_SHARED(A, warp_sums, kWarps + 1);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) val += __shfl_down_sync(0xffffffffu, val, off);
@@ -58,7 +65,7 @@ __device__ A group_sum(A val, int group) {
   const int width = group < 32 ? group : 32;
   for (int off = width / 2; off > 0; off >>= 1) val += __shfl_down_sync(0xffffffffu, val, off, width);
   if (group <= 32) return val;
-  __shared__ A warp_sums[kWarps];
+  SN_SHARED(A, warp_sums, kWarps);
   __syncthreads();  // an earlier call's readers are done with warp_sums
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = val;
   __syncthreads();
@@ -87,16 +94,16 @@ __device__ int find_layer(int num_layers, int64_t item, Begin begin) {
 // whole group stored (with load_global). The last block resets the counter to zero, so the
 // next launch that uses it finds it zero.
 __device__ inline bool arrive_last(unsigned int* counter, int64_t expected) {
-  __shared__ bool is_last;
+  SN_SHARED(bool, is_last, 1);
   __threadfence();  // this thread's stores are visible device-wide before the block signals
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned int prev = atomicAdd(counter, 1u);
-    is_last = int64_t{prev} + 1 == expected;
-    if (is_last) *counter = 0u;  // every block of the group has arrived: nobody reads it now
+    is_last[0] = int64_t{prev} + 1 == expected;
+    if (is_last[0]) *counter = 0u;  // every block of the group has arrived: nobody reads it now
   }
   __syncthreads();
-  const bool last = is_last;
+  const bool last = is_last[0];
   if (last) __threadfence();  // order this block's following loads after the counter
   return last;
 }

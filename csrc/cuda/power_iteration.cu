@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 4) matvec_cols_kernel(
     const __grid_constant__ LayerTable<PowerLayer, Cap> table, int num_layers,
     int64_t total_items, A* acc, unsigned int* counters, A* sigmas, A* uv, A eps,
     bool vectors_from_uv, bool write_sigma) {
-  __shared__ A col_sums[kThreads];
+  SN_SHARED(A, col_sums, kThreads);
   for (int64_t item = blockIdx.x; item < total_items; item += gridDim.x) {
     const int l = find_layer(num_layers, item, [&](int i) { return table.layer[i].b_begin; });
     const PowerLayer& L = table.layer[l];

@@ -5,7 +5,8 @@ namespace ``sn_cuda_emu`` (schemas defined here, the same as sn_cuda's), with
 ``sn_cuda_emu::set_schedule``. ``load(as_sn_cuda=True)``: they register as the CPU kernels
 of sn_cuda's own ops, so that sn_cuda's modules, autograd and batching run them on CPU
 tensors; only for a process of its own (module_parity.py). Built on first use (~30 s on two
-cores), then cached by torch's extension loader.
+cores) into build/cuda_emu/ of this checkout (not torch's per-user cache, which every checkout
+would share), then reused while the sources are unchanged.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 OPS = ("power_iteration", "normalize", "normalize_backward")
 
 
-def unavailable() -> str | None:
-    """Why the emulator cannot be built here, or None."""
+def unavailable(as_sn_cuda: bool = False) -> str | None:
+    """Why the emulator cannot be built (or, ``as_sn_cuda``, run under sn_cuda's autograd)
+    here, or None."""
+    if as_sn_cuda:
+        from sn_cuda import ops
+
+        if not ops._NORMALIZE_HAS_AUTOGRAD:  # csrc/autograd.cpp, in the compiled extension
+            return f"needs the compiled extension's C++ autograd: {ops._extension.LOAD_REASON}"
     if not sys.platform.startswith("linux"):
         return "the CUDA emulator needs Linux (ucontext)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -45,8 +52,12 @@ def load(as_sn_cuda: bool = False):
         lib = torch.library.Library("sn_cuda_emu", "DEF")
         for schema in ops.SCHEMAS:
             lib.define(schema)
+    name = "sn_cuda_emu_as_sn_cuda" if as_sn_cuda else "sn_cuda_emu"
+    build_directory = os.path.join(ROOT, "build", "cuda_emu", name)
+    os.makedirs(build_directory, exist_ok=True)
     cpp_extension.load(
-        name="sn_cuda_emu_as_sn_cuda" if as_sn_cuda else "sn_cuda_emu",
+        name=name,
+        build_directory=build_directory,
         sources=sources,
         extra_cflags=flags,
         extra_include_paths=[os.path.join(ROOT, "csrc")],

@@ -6,13 +6,14 @@
 //
 // How a launch runs: blocks one after another (a legal schedule: the kernels' blocks never
 // wait for each other, they only ask "am I the last to arrive?"), at most kMaxBlocks of them,
-// so that the kernels' grid-stride loops run too. A block's threads are fibers (ucontext) on
+// so that the kernels' grid-stride loops run too; in the random schedule, in a random order. A block's threads are fibers (ucontext) on
 // one OS thread; a fiber runs until it reaches __syncthreads or a warp shuffle, where it waits
 // for the rest of its block or warp. Between two such points the fibers run in thread order,
 // in reverse, or in a random order drawn anew each time (set_schedule): code that reads what
 // another thread wrote without a barrier between them gets different results. __shared__ variables are function statics, one per
 // kernel instantiation: shared by the block's fibers, as on a GPU. Threads that have exited no
-// longer count at a barrier (as on sm_70+).
+// longer count at a barrier (as on sm_70+). Shared memory declared with SN_SHARED
+// (csrc/cuda/device_utils.cuh) is filled with 0xFF bytes (NaN) at the start of every block.
 //
 // What it checks: the arithmetic, indexing, tiling, reductions, "last block" protocols and
 // host-side planning of the kernels, on every line. What it cannot: the memory model (fences,
@@ -24,9 +25,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -39,9 +42,15 @@
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __shared__ static
+#define SN_SHARED(type, name, count) \
+  static type name[count];           \
+  ::sn_cuda_emu::poison_shared(name, sizeof(name))
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
+};
+struct uint3 {
+  unsigned int x = 0, y = 0, z = 0;
 };
 struct alignas(16) uint4 {
   unsigned int x, y, z, w;
@@ -49,7 +58,8 @@ struct alignas(16) uint4 {
 
 // The running fiber's coordinates. External linkage, so that the compiler reloads them after
 // every switch (a switch is an opaque call that may write them).
-inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
 
 namespace sn_cuda_emu {
 
@@ -73,6 +83,9 @@ struct Runtime {
   int order = 0;  // 0: thread order, 1: reverse, 2: random (seeded)
   std::mt19937_64 rng;
   std::vector<int> schedule;
+  uint64_t progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
+  uint64_t block_serial = 0;  // one per block run: which shared arrays are poisoned already
+  std::map<void*, uint64_t> poisoned;
 };
 
 inline Runtime& runtime() {
@@ -93,9 +106,20 @@ inline void yield() {
   swapcontext(&r.contexts[r.current], &r.scheduler);
 }
 
+// The first thread of a block to reach an SN_SHARED declaration fills it with 0xFF bytes.
+inline void poison_shared(void* p, size_t bytes) {
+  Runtime& r = runtime();
+  uint64_t& serial = r.poisoned[p];
+  if (serial != r.block_serial) {
+    serial = r.block_serial;
+    std::memset(p, 0xFF, bytes);
+  }
+}
+
 inline void fiber_main() {
   Runtime& r = runtime();
   r.body();
+  ++r.progress;
   r.done[r.current] = 1;
   --r.live;
   --r.warp_live[r.current / 32];
@@ -104,12 +128,15 @@ inline void fiber_main() {
 
 // Waits until every live thread counted by `live` has arrived at the barrier of this generation.
 inline void wait_at(int& arrived, unsigned int& generation, const int& live) {
+  Runtime& r = runtime();
   const unsigned int mine = generation;
   ++arrived;
+  ++r.progress;
   while (generation == mine) {
     if (arrived >= live) {  // the last to arrive (or the rest have exited): release everyone
       arrived = 0;
       ++generation;
+      ++r.progress;
       break;
     }
     yield();
@@ -133,6 +160,7 @@ inline void run_block(int threads, std::function<void()> body) {
   if (threads > kMaxThreads) throw std::runtime_error("cuda_emu: too many threads per block");
   if (r.stacks.size() < static_cast<size_t>(threads)) r.stacks.resize(threads);
   r.body = std::move(body);
+  ++r.block_serial;
   r.threads = r.live = threads;
   r.block_arrived = 0;
   for (int w = 0; w < kMaxThreads / 32; ++w) {
@@ -152,14 +180,19 @@ inline void run_block(int threads, std::function<void()> body) {
   r.schedule.resize(threads);
   std::iota(r.schedule.begin(), r.schedule.end(), 0);
   if (r.order == 1) std::reverse(r.schedule.begin(), r.schedule.end());
-  for (long rounds = 0; r.live > 0; ++rounds) {
-    if (rounds > 100000000L) throw std::runtime_error("cuda_emu: block does not finish (deadlock?)");
+  for (bool first = true; r.live > 0; first = false) {
+    const uint64_t before = r.progress;
     if (r.order == 2) std::shuffle(r.schedule.begin(), r.schedule.end(), r.rng);
     for (const int t : r.schedule) {
       if (r.done[t]) continue;
       r.current = t;
       threadIdx.x = static_cast<unsigned int>(t);
       swapcontext(&r.scheduler, &r.contexts[t]);
+    }
+    // Every live thread waits and none arrived, left or released: none ever will.
+    if (!first && r.progress == before && r.live > 0) {
+      std::fprintf(stderr, "cuda_emu: deadlock in block %u: %d threads wait forever\n", blockIdx.x, r.live);
+      std::abort();  // the fibers' stacks cannot be unwound from here
     }
   }
 }
@@ -169,7 +202,11 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned int grid, int threads, Args&&... args) {
   const unsigned int blocks = std::min(grid, kMaxBlocks);
   gridDim.x = blocks;
-  for (unsigned int b = 0; b < blocks; ++b) {
+  std::vector<unsigned int> order(blocks);
+  std::iota(order.begin(), order.end(), 0u);
+  if (runtime().order == 1) std::reverse(order.begin(), order.end());
+  if (runtime().order == 2) std::shuffle(order.begin(), order.end(), runtime().rng);
+  for (const unsigned int b : order) {
     blockIdx.x = b;
     run_block(threads, [&] { kernel(args...); });
   }
