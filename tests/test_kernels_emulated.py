@@ -14,8 +14,11 @@ chunks of more than 128 layers. What only the GPU tests can show: the memory mod
 caches), real concurrency, launch limits, speed.
 
 Uninitialised memory is poisoned as on the GPU: under ``torch.use_deterministic_algorithms``
-torch fills every new CPU tensor with NaN (0xFF bytes for the scratch), so an output or a
-counter the kernels forget to write shows up. Needs a C++ compiler and ucontext (Linux).
+torch fills every new CPU tensor with NaN (0xFF bytes for the scratch), and the emulator fills
+shared memory with 0xFF bytes at the start of every block, so an output, a counter or a
+shared slot the kernels forget to write shows up. A misaligned 16-byte access, a divergent
+barrier, a shuffle after lanes exited or a deadlock raise a RuntimeError naming it. Needs a
+C++ compiler and ucontext (Linux).
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@
 // kernel instantiation: shared by the block's fibers, as on a GPU. Threads that have exited no
 // longer count at a barrier (as on sm_70+). Shared memory declared with SN_SHARED
 // (csrc/cuda/device_utils.cuh) is filled with 0xFF bytes (NaN) at the start of every block.
+// What a GPU faults on or leaves undefined stops the launch with an error (a RuntimeError in
+// Python, naming it): a 16-byte access that is not 16-byte aligned, a full-mask shuffle after
+// lanes of the warp have exited, threads of a block waiting at __syncthreads on different
+// lines, a deadlock.
 //
 // What it checks: the arithmetic, indexing, tiling, reductions, "last block" protocols and
 // host-side planning of the kernels, on every line. What it cannot: the memory model (fences,
@@ -33,6 +37,7 @@
 #include <numeric>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #define __global__
@@ -83,6 +88,8 @@ struct Runtime {
   int order = 0;  // 0: thread order, 1: reverse, 2: random (seeded)
   std::mt19937_64 rng;
   std::vector<int> schedule;
+  int barrier_line = 0;
+  std::string failure;  // set by fail() in a fiber; the scheduler throws it  // the __syncthreads line the current block barrier's threads wait at
   uint64_t progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
   uint64_t block_serial = 0;  // one per block run: which shared arrays are poisoned already
   std::map<void*, uint64_t> poisoned;
@@ -143,8 +150,24 @@ inline void wait_at(int& arrived, unsigned int& generation, const int& live) {
   }
 }
 
-inline void block_barrier() {
+// Called in a fiber: stops this block's threads where they are (their stacks are simply
+// abandoned: kernels hold nothing that needs destroying) and makes run_block throw.
+[[noreturn]] inline void fail(const char* what) {
   Runtime& r = runtime();
+  char message[256];
+  std::snprintf(message, sizeof(message), "cuda_emu: %s (block %u, thread %u)", what, blockIdx.x, threadIdx.x);
+  r.failure = message;
+  swapcontext(&r.contexts[r.current], &r.scheduler);
+  std::abort();  // never resumed
+}
+
+inline void block_barrier(int line) {
+  Runtime& r = runtime();
+  if (r.block_arrived == 0) {
+    r.barrier_line = line;
+  } else if (r.barrier_line != line) {
+    fail("threads wait at __syncthreads on different lines (divergent barrier)");
+  }
   wait_at(r.block_arrived, r.block_generation, r.live);
 }
 
@@ -188,11 +211,17 @@ inline void run_block(int threads, std::function<void()> body) {
       r.current = t;
       threadIdx.x = static_cast<unsigned int>(t);
       swapcontext(&r.scheduler, &r.contexts[t]);
+      if (!r.failure.empty()) {
+        const std::string failure = std::move(r.failure);
+        r.failure.clear();
+        throw std::runtime_error(failure);
+      }
     }
     // Every live thread waits and none arrived, left or released: none ever will.
     if (!first && r.progress == before && r.live > 0) {
-      std::fprintf(stderr, "cuda_emu: deadlock in block %u: %d threads wait forever\n", blockIdx.x, r.live);
-      std::abort();  // the fibers' stacks cannot be unwound from here
+      throw std::runtime_error(
+          "cuda_emu: deadlock in block " + std::to_string(blockIdx.x) + ": " +
+          std::to_string(r.live) + " threads wait forever");
     }
   }
 }
@@ -215,7 +244,7 @@ void launch(void (*kernel)(Params...), unsigned int grid, int threads, Args&&...
 }  // namespace sn_cuda_emu
 
 // ---- intrinsics --------------------------------------------------------------------------
-inline void __syncthreads() { sn_cuda_emu::block_barrier(); }
+#define __syncthreads() ::sn_cuda_emu::block_barrier(__LINE__)
 inline void __threadfence() {}
 
 template <typename T>
@@ -223,6 +252,9 @@ T __shfl_down_sync(unsigned int /*mask*/, T value, unsigned int delta, int width
   static_assert(sizeof(T) <= 8, "cuda_emu: shuffles of up to 8 bytes");
   sn_cuda_emu::Runtime& r = sn_cuda_emu::runtime();
   const int t = r.current, lane = t % 32;
+  if (r.warp_live[t / 32] < std::min(32, r.threads - (t - lane))) {
+    sn_cuda_emu::fail("full-mask warp shuffle after lanes of the warp have exited");
+  }
   std::memcpy(r.lanes[t], &value, sizeof(T));
   sn_cuda_emu::warp_barrier();  // every lane's value is in place
   const int source = lane + static_cast<int>(delta);
@@ -240,8 +272,13 @@ inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return old;
 }
 
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) sn_cuda_emu::fail("misaligned vector access");
+}
+
 template <typename T>
 T __ldg(const T* p) {
+  check_aligned(p, sizeof(T));
   return *p;
 }
 template <typename T>
@@ -250,5 +287,6 @@ T __ldcg(const T* p) {
 }
 template <typename T>
 void __stcg(T* p, T value) {
+  check_aligned(p, sizeof(T));
   *p = value;
 }
