@@ -4,16 +4,15 @@
 // it defines the CUDA keywords, built-in variables and intrinsics the kernels use, and
 // sn_cuda_emu::launch, which csrc/cuda/launch_utils.h calls instead of <<<...>>>.
 //
-// How a launch runs: blocks one after another (a legal schedule: the kernels' blocks never
-// wait for each other, they only ask "am I the last to arrive?"), at most kMaxBlocks of them,
-// so that the kernels' grid-stride loops run too; in the random schedule, in a random order. A block's threads are fibers (ucontext) on
-// one OS thread; a fiber runs until it reaches __syncthreads or a warp shuffle, where it waits
-// for the rest of its block or warp. Between two such points the fibers run in thread order,
-// in reverse, or in a random order drawn anew each time (set_schedule): code that reads what
-// another thread wrote without a barrier between them gets different results. __shared__ variables are function statics, one per
-// kernel instantiation: shared by the block's fibers, as on a GPU. Threads that have exited no
-// longer count at a barrier (as on sm_70+). Shared memory declared with SN_SHARED
-// (csrc/cuda/device_utils.cuh) is filled with 0xFF bytes (NaN) at the start of every block.
+// How a launch runs: at most kMaxBlocks blocks (so that the kernels' grid-stride loops run
+// too), all at once: every thread of every block is a fiber (ucontext) on one OS thread. A
+// fiber runs until it reaches __syncthreads or a warp shuffle, where it waits for the rest of
+// its block or warp. Between two such points the fibers of all blocks run in fiber order, in
+// reverse, or in a random order drawn anew each time, with a random blockIdx for each block
+// (set_schedule): code that reads what another thread or block wrote without the barrier or
+// the "last to arrive" protocol in between gets different results. Threads that have exited no
+// longer count at a barrier (as on sm_70+). Shared memory is declared with SN_SHARED
+// (csrc/cuda/device_utils.cuh): each block gets its own, filled with 0xFF bytes (NaN) at first.
 // What a GPU faults on or leaves undefined stops the launch with an error (a RuntimeError in
 // Python, naming it): a 16-byte access that is not 16-byte aligned, a full-mask shuffle after
 // lanes of the warp have exited, threads of a block waiting at __syncthreads on different
@@ -21,12 +20,14 @@
 //
 // What it checks: the arithmetic, indexing, tiling, reductions, "last block" protocols and
 // host-side planning of the kernels, on every line. What it cannot: the memory model (fences,
-// caches), real concurrency, launch limits, performance. The GPU tests do those.
+// caches: atomics and fences are plain memory operations here), true parallelism, launch
+// limits, performance. The GPU tests do those.
 #pragma once
 
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -46,10 +48,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __shared__ static
-#define SN_SHARED(type, name, count) \
-  static type name[count];           \
-  ::sn_cuda_emu::poison_shared(name, sizeof(name))
+#define __shared__ static_assert(false, "cuda_emu: declare shared memory with SN_SHARED (device_utils.cuh)");
+#define SN_SHARED(type, name, count)                                                   \
+  static const char name##_key = 0;                                                     \
+  type(&name)[count] =                                                                  \
+      *static_cast<type(*)[count]>(::sn_cuda_emu::block_shared(&name##_key, sizeof(type) * (count)))
 
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
@@ -69,30 +72,31 @@ inline dim3 blockDim, gridDim;
 namespace sn_cuda_emu {
 
 constexpr unsigned int kMaxBlocks = 3;
-constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;  // a kernel's frame holds its table parameter (<= 25 KB)
 
+// One launch's state: fiber f is thread f % threads of block f / threads.
 struct Runtime {
   ucontext_t scheduler;
-  std::vector<ucontext_t> contexts = std::vector<ucontext_t>(kMaxThreads);
-  std::vector<std::vector<char>> stacks;
-  std::vector<char> done = std::vector<char>(kMaxThreads);
+  std::vector<ucontext_t> contexts;
+  std::vector<std::unique_ptr<char[]>> stacks;  // uninitialised: pages are touched as used
+  std::vector<char> done;
+  std::vector<unsigned int> block_of;  // the blockIdx.x of each fiber's block
   int threads = 0, live = 0, current = 0;
-  int block_arrived = 0;
-  unsigned int block_generation = 0;
-  int warp_live[kMaxThreads / 32] = {};
-  int warp_arrived[kMaxThreads / 32] = {};
-  unsigned int warp_generation[kMaxThreads / 32] = {};
-  unsigned char lanes[kMaxThreads][8] = {};  // values in flight through a shuffle
+  // Per block: threads still running, the __syncthreads barrier, its line.
+  std::vector<int> block_live, block_arrived, barrier_line;
+  std::vector<unsigned int> block_generation;
+  // Per warp (fiber / 32, blocks hold whole warps): lanes still running, the shuffle barrier.
+  std::vector<int> warp_live, warp_arrived;
+  std::vector<unsigned int> warp_generation;
+  std::vector<std::array<unsigned char, 8>> lanes;  // values in flight through a shuffle
+  // Per (block, SN_SHARED declaration): the block's shared array.
+  std::map<std::pair<unsigned int, const void*>, std::vector<unsigned char>> shared;
   std::function<void()> body;
-  int order = 0;  // 0: thread order, 1: reverse, 2: random (seeded)
+  int order = 0;  // 0: fiber order, 1: reverse, 2: random (seeded)
   std::mt19937_64 rng;
   std::vector<int> schedule;
-  int barrier_line = 0;
-  std::string failure;  // set by fail() in a fiber; the scheduler throws it  // the __syncthreads line the current block barrier's threads wait at
+  std::string failure;  // set by fail() in a fiber; the scheduler throws it
   uint64_t progress = 0;  // arrivals, releases and exits: a round without any is a deadlock
-  uint64_t block_serial = 0;  // one per block run: which shared arrays are poisoned already
-  std::map<void*, uint64_t> poisoned;
 };
 
 inline Runtime& runtime() {
@@ -100,7 +104,7 @@ inline Runtime& runtime() {
   return r;
 }
 
-// The order in which the fibers of a block run between barriers (see the top of this file).
+// The order in which the fibers run between barriers (see the top of this file).
 inline void set_schedule(int order, uint64_t seed) {
   if (order < 0 || order > 2) throw std::invalid_argument("cuda_emu: order must be 0, 1 or 2");
   runtime().order = order;
@@ -113,14 +117,12 @@ inline void yield() {
   swapcontext(&r.contexts[r.current], &r.scheduler);
 }
 
-// The first thread of a block to reach an SN_SHARED declaration fills it with 0xFF bytes.
-inline void poison_shared(void* p, size_t bytes) {
+// The running block's array for the SN_SHARED declaration `key`, 0xFF bytes when new.
+inline void* block_shared(const void* key, size_t bytes) {
   Runtime& r = runtime();
-  uint64_t& serial = r.poisoned[p];
-  if (serial != r.block_serial) {
-    serial = r.block_serial;
-    std::memset(p, 0xFF, bytes);
-  }
+  std::vector<unsigned char>& mem = r.shared[{blockIdx.x, key}];
+  if (mem.empty()) mem.assign(bytes + 16, 0xFF);
+  return mem.data() + (16 - reinterpret_cast<uintptr_t>(mem.data()) % 16) % 16;  // 16-aligned
 }
 
 inline void fiber_main() {
@@ -129,6 +131,7 @@ inline void fiber_main() {
   ++r.progress;
   r.done[r.current] = 1;
   --r.live;
+  --r.block_live[r.current / r.threads];
   --r.warp_live[r.current / 32];
   // Returning resumes uc_link: the scheduler.
 }
@@ -150,8 +153,8 @@ inline void wait_at(int& arrived, unsigned int& generation, const int& live) {
   }
 }
 
-// Called in a fiber: stops this block's threads where they are (their stacks are simply
-// abandoned: kernels hold nothing that needs destroying) and makes run_block throw.
+// Called in a fiber: stops the launch's threads where they are (their stacks are simply
+// abandoned: kernels hold nothing that needs destroying) and makes run_grid throw.
 [[noreturn]] inline void fail(const char* what) {
   Runtime& r = runtime();
   char message[256];
@@ -163,12 +166,13 @@ inline void wait_at(int& arrived, unsigned int& generation, const int& live) {
 
 inline void block_barrier(int line) {
   Runtime& r = runtime();
-  if (r.block_arrived == 0) {
-    r.barrier_line = line;
-  } else if (r.barrier_line != line) {
+  const int b = r.current / r.threads;
+  if (r.block_arrived[b] == 0) {
+    r.barrier_line[b] = line;
+  } else if (r.barrier_line[b] != line) {
     fail("threads wait at __syncthreads on different lines (divergent barrier)");
   }
-  wait_at(r.block_arrived, r.block_generation, r.live);
+  wait_at(r.block_arrived[b], r.block_generation[b], r.block_live[b]);
 }
 
 inline void warp_barrier() {
@@ -177,40 +181,49 @@ inline void warp_barrier() {
   wait_at(r.warp_arrived[w], r.warp_generation[w], r.warp_live[w]);
 }
 
-// Runs `body` as `threads` fibers (threadIdx.x = 0 .. threads - 1) until all have returned.
-inline void run_block(int threads, std::function<void()> body) {
+// Runs `body` as `blocks` x `threads` fibers, all at once, until all have returned.
+inline void run_grid(const std::vector<unsigned int>& block_ids, int threads, std::function<void()> body) {
   Runtime& r = runtime();
-  if (threads > kMaxThreads) throw std::runtime_error("cuda_emu: too many threads per block");
-  if (r.stacks.size() < static_cast<size_t>(threads)) r.stacks.resize(threads);
+  if (threads % 32 != 0) throw std::runtime_error("cuda_emu: blocks of whole warps only");
+  const int blocks = static_cast<int>(block_ids.size()), fibers = blocks * threads;
+  r.contexts.resize(fibers);
+  r.stacks.resize(std::max<size_t>(r.stacks.size(), fibers));
+  r.done.assign(fibers, 0);
+  r.block_of.resize(fibers);
+  r.lanes.resize(fibers);
   r.body = std::move(body);
-  ++r.block_serial;
-  r.threads = r.live = threads;
-  r.block_arrived = 0;
-  for (int w = 0; w < kMaxThreads / 32; ++w) {
-    r.warp_live[w] = std::max(0, std::min(32, threads - 32 * w));
-    r.warp_arrived[w] = 0;
-  }
-  for (int t = 0; t < threads; ++t) {
-    if (r.stacks[t].empty()) r.stacks[t].resize(kStackBytes);
-    getcontext(&r.contexts[t]);
-    r.contexts[t].uc_stack.ss_sp = r.stacks[t].data();
-    r.contexts[t].uc_stack.ss_size = r.stacks[t].size();
-    r.contexts[t].uc_link = &r.scheduler;
-    makecontext(&r.contexts[t], fiber_main, 0);
-    r.done[t] = 0;
+  r.threads = threads;
+  r.live = fibers;
+  r.block_live.assign(blocks, threads);
+  r.block_arrived.assign(blocks, 0);
+  r.barrier_line.assign(blocks, 0);
+  r.block_generation.assign(blocks, 0);
+  r.warp_live.assign(fibers / 32, 32);
+  r.warp_arrived.assign(fibers / 32, 0);
+  r.warp_generation.assign(fibers / 32, 0);
+  r.shared.clear();
+  for (int f = 0; f < fibers; ++f) {
+    if (!r.stacks[f]) r.stacks[f].reset(new char[kStackBytes]);
+    getcontext(&r.contexts[f]);
+    r.contexts[f].uc_stack.ss_sp = r.stacks[f].get();
+    r.contexts[f].uc_stack.ss_size = kStackBytes;
+    r.contexts[f].uc_link = &r.scheduler;
+    makecontext(&r.contexts[f], fiber_main, 0);
+    r.block_of[f] = block_ids[f / threads];
   }
   blockDim.x = static_cast<unsigned int>(threads);
-  r.schedule.resize(threads);
+  r.schedule.resize(fibers);
   std::iota(r.schedule.begin(), r.schedule.end(), 0);
   if (r.order == 1) std::reverse(r.schedule.begin(), r.schedule.end());
   for (bool first = true; r.live > 0; first = false) {
     const uint64_t before = r.progress;
     if (r.order == 2) std::shuffle(r.schedule.begin(), r.schedule.end(), r.rng);
-    for (const int t : r.schedule) {
-      if (r.done[t]) continue;
-      r.current = t;
-      threadIdx.x = static_cast<unsigned int>(t);
-      swapcontext(&r.scheduler, &r.contexts[t]);
+    for (const int f : r.schedule) {
+      if (r.done[f]) continue;
+      r.current = f;
+      blockIdx.x = r.block_of[f];
+      threadIdx.x = static_cast<unsigned int>(f % threads);
+      swapcontext(&r.scheduler, &r.contexts[f]);
       if (!r.failure.empty()) {
         const std::string failure = std::move(r.failure);
         r.failure.clear();
@@ -219,26 +232,21 @@ inline void run_block(int threads, std::function<void()> body) {
     }
     // Every live thread waits and none arrived, left or released: none ever will.
     if (!first && r.progress == before && r.live > 0) {
-      throw std::runtime_error(
-          "cuda_emu: deadlock in block " + std::to_string(blockIdx.x) + ": " +
-          std::to_string(r.live) + " threads wait forever");
+      throw std::runtime_error("cuda_emu: deadlock: " + std::to_string(r.live) + " threads wait forever");
     }
   }
 }
 
-// kernel<<<grid, threads>>>(args...), run to completion.
+// kernel<<<grid, threads>>>(args...), run to completion: at most kMaxBlocks blocks (the
+// kernels stride over their items), in the random schedule with a random choice of blockIdx.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), unsigned int grid, int threads, Args&&... args) {
   const unsigned int blocks = std::min(grid, kMaxBlocks);
   gridDim.x = blocks;
-  std::vector<unsigned int> order(blocks);
-  std::iota(order.begin(), order.end(), 0u);
-  if (runtime().order == 1) std::reverse(order.begin(), order.end());
-  if (runtime().order == 2) std::shuffle(order.begin(), order.end(), runtime().rng);
-  for (const unsigned int b : order) {
-    blockIdx.x = b;
-    run_block(threads, [&] { kernel(args...); });
-  }
+  std::vector<unsigned int> block_ids(blocks);
+  std::iota(block_ids.begin(), block_ids.end(), 0u);
+  if (runtime().order == 2) std::shuffle(block_ids.begin(), block_ids.end(), runtime().rng);
+  run_grid(block_ids, threads, [&] { kernel(args...); });
 }
 
 }  // namespace sn_cuda_emu
@@ -252,15 +260,15 @@ T __shfl_down_sync(unsigned int /*mask*/, T value, unsigned int delta, int width
   static_assert(sizeof(T) <= 8, "cuda_emu: shuffles of up to 8 bytes");
   sn_cuda_emu::Runtime& r = sn_cuda_emu::runtime();
   const int t = r.current, lane = t % 32;
-  if (r.warp_live[t / 32] < std::min(32, r.threads - (t - lane))) {
+  if (r.warp_live[t / 32] < 32) {
     sn_cuda_emu::fail("full-mask warp shuffle after lanes of the warp have exited");
   }
-  std::memcpy(r.lanes[t], &value, sizeof(T));
+  std::memcpy(r.lanes[t].data(), &value, sizeof(T));
   sn_cuda_emu::warp_barrier();  // every lane's value is in place
   const int source = lane + static_cast<int>(delta);
   T out = value;
   if (source / width == lane / width && source < 32) {  // inside this lane's segment
-    std::memcpy(&out, r.lanes[t - lane + source], sizeof(T));
+    std::memcpy(&out, r.lanes[t - lane + source].data(), sizeof(T));
   }
   sn_cuda_emu::warp_barrier();  // every lane has read before any writes the next value
   return out;
