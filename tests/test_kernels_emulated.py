@@ -3,8 +3,8 @@
 csrc/cuda/*.cu are compiled here as plain C++ with ``SN_CUDA_EMULATE`` and the emulator
 (tests/cuda_emu/cuda_emu.h) force-included: the same kernels and the same host code (checks,
 plans, layer-table chunks, launch sequence), registered for CPU tensors in a test-only
-namespace, ``sn_cuda_emu``, with sn_cuda's schemas. Each block's threads run as fibers with
-real barriers and warp shuffles, blocks one after another, at most three per launch so that
+namespace, ``sn_cuda_emu``, with sn_cuda's schemas. Every thread of a launch runs as a fiber
+with real barriers and warp shuffles, at most three blocks per launch (all at once) so that
 the grid-stride loops run as well. The checks are test_kernels_cuda.py's ``run_and_check``;
 the last test runs sn_cuda's modules on the emulated kernels against torch (module_parity.py).
 
@@ -100,8 +100,9 @@ def test_model_shapes(emulated, model):
     check(emulated, K.MODEL_LAYERS[model], mode=K.MODES[1])
 
 
-# A block's threads between barriers in reverse and in random orders: a kernel that reads what
-# another thread wrote without a barrier between them fails here (in thread order it may not).
+# A launch's threads between barriers in reverse and in random orders (random blockIdx too): a
+# kernel that reads what another thread or block wrote without a barrier or arrive_last between
+# them fails here (in fiber order it may not).
 @pytest.mark.parametrize("order", [1, 2], ids=["reverse", "random"])
 @pytest.mark.parametrize("mode", [K.MODES[0], K.MODES[3], K.MODES[4]], ids=["train-param", "train3-hook", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

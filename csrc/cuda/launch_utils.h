@@ -4,7 +4,7 @@
 // Everything the op files need from the CUDA runtime goes through this file (the stream, the
 // launch and its check, the memset, the registration), so that tests/cuda_emu can compile the
 // same op files as plain C++ with SN_CUDA_EMULATE defined and run every kernel on the CPU,
-// block after block, each block's threads as fibers (tests/test_kernels_emulated.py).
+// every thread of a launch as a fiber (tests/test_kernels_emulated.py).
 #pragma once
 
 #include <algorithm>
@@ -74,7 +74,7 @@ void for_each_chunk(const std::vector<Layer>& layers, Launch&& launch) {
 
 // The stream the call's work goes to: the current CUDA stream.
 #ifdef SN_CUDA_EMULATE
-using Stream = int;  // the emulator runs each launch to completion, in order
+using Stream = int;  // the emulator runs each launch to completion, in call order
 inline Stream current_stream() { return 0; }
 #else
 using Stream = cudaStream_t;

@@ -1,5 +1,5 @@
-// sn_cuda_emu::set_schedule(order, seed): the order in which the emulator runs a block's
-// threads between barriers (cuda_emu.h): 0 thread order, 1 reverse, 2 random from `seed`.
+// sn_cuda_emu::set_schedule(order, seed): the order in which the emulator runs a launch's
+// threads between barriers (cuda_emu.h): 0 fiber order, 1 reverse, 2 random from `seed`.
 #include <torch/library.h>
 
 namespace {
