@@ -1,7 +1,8 @@
-// Autograd of sn_cuda::normalize and the in-place bookkeeping of sn_cuda::power_iteration,
-// in C++ (TORCH_LIBRARY_IMPL for the Autograd and ADInplaceOrView keys, any device).
+// Autograd of sn_cuda::normalize and of sn_cuda::power_iteration (none), and the in-place
+// bookkeeping of power_iteration, in C++ (TORCH_LIBRARY_IMPL for the Autograd and
+// ADInplaceOrView keys, any device).
 //
-// Why C++: these two kernels run on every forward of every batched model, and their Python
+// Why C++: these kernels run on every forward of every batched model, and their Python
 // versions (a torch.autograd.Function, a Python ADInplaceOrView kernel) cost host time that
 // grows with the layer count; with the GPU work of a whole SN step in a few launches, host
 // time is what is left (bench/dispatch_floor.py measures it with the kernels taken out).
@@ -11,48 +12,17 @@
 // The math is in sn_cuda/ops.py's docstring: ∂L/∂W = (G − (⟨G, W/σ⟩ − g σ) u vᵀ) / σ, the
 // gradient of W/σ(W) with σ(W) = u·W v for the constants u, v that σ used.
 #include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "cuda/host_utils.h"
+#include "op_handles.h"
 
 namespace sn_cuda {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Typed handles of the ops, looked up on first use: the schemas are defined by sn_cuda/ops.py,
-// after this library's static initializers have run.
-const auto& normalize_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("sn_cuda::normalize", "")
-          .typed<std::tuple<std::vector<at::Tensor>, at::Tensor>(
-              at::TensorList, const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef)>();
-  return op;
-}
-
-const auto& normalize_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("sn_cuda::normalize_backward", "")
-          .typed<std::vector<at::Tensor>(
-              at::TensorList, const std::optional<at::Tensor>&, at::TensorList, const at::Tensor&,
-              const at::Tensor&, c10::SymIntArrayRef)>();
-  return op;
-}
-
-const auto& power_iteration_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("sn_cuda::power_iteration", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              at::TensorList, at::TensorList, at::TensorList, c10::SymIntArrayRef, bool,
-              c10::SymInt, double, bool)>();
-  return op;
-}
 
 // ∂L/∂W as a differentiable expression in plain ATen ops, with σ recomputed from the weights
 // so that second derivatives reach W (create_graph=True: gradient penalties on the weights).
@@ -162,10 +132,26 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_inplace(
       std::move(n_power_iterations), eps, training);
 }
 
+// Power iteration is not differentiable (torch, too, iterates under no_grad): run it below
+// autograd, so that nothing it computes records a graph, whatever the grad mode, and its
+// outputs never require grad. Without this kernel every call went through autograd's boxed
+// "not implemented" fallback, which moves the three tensor lists to and from the dispatcher's
+// stack (measured: bench/RESULTS.md).
+std::tuple<at::Tensor, at::Tensor> power_iteration_autograd(
+    c10::DispatchKeySet keys, at::TensorList weights, at::TensorList us, at::TensorList vs,
+    c10::SymIntArrayRef dims, bool u_first, c10::SymInt n_power_iterations, double eps,
+    bool training) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  return power_iteration_op().redispatch(
+      keys & c10::after_autograd_keyset, weights, us, vs, dims, u_first,
+      std::move(n_power_iterations), eps, training);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sn_cuda, Autograd, m) {
   m.impl("normalize", &normalize_autograd);
+  m.impl("power_iteration", &power_iteration_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sn_cuda, ADInplaceOrView, m) {

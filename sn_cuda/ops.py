@@ -1,11 +1,12 @@
 """The op boundary: sn_cuda's dispatcher ops and their fake kernels.
 
-Three ops live in the ``sn_cuda`` namespace. Their schemas are defined here, so that the ops
-exist (and torch.compile traces them) whether or not the compiled extension is installed; the
-default implementation of each is the pure-torch reference (any device). The extension
+Four ops live in the ``sn_cuda`` namespace: three with kernels, and ``spectral_norm``, which
+calls two of them. Their schemas are defined here, so that the ops exist (and torch.compile
+traces them) whether or not the compiled extension is installed; the default implementation of
+each of the three is the pure-torch reference (any device). The extension
 (``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors,
-and, for every device, normalize's autograd and power_iteration's version bump, in C++
-(``csrc/autograd.cpp``).
+and, for every device, normalize's autograd, power_iteration's (none: it runs below autograd)
+and its version bump, in C++ (``csrc/autograd.cpp``).
 All layers of one call share one device and one dtype (``sn_cuda.batch`` groups them).
 
 ``power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
@@ -28,7 +29,13 @@ Tensor uv, int[] dims) -> Tensor[]``
     ∂L/∂W_l = (G_l − (⟨G_l, W_l/σ_l⟩ − g_l σ_l) u_l v_lᵀ) / σ_l, with G = ∂L/∂(W/σ) and
     g = ∂L/∂σ (``SpectralPenalty`` differentiates σ itself).
 
-``spectral_norm`` at the bottom is what the modules and the batching layer call: the two ops
+``spectral_norm(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
+int n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
+    ``power_iteration`` (no autograd), then ``normalize``: W/σ and σ in one call from Python,
+    which parses each tensor list once (csrc/spectral_norm.cpp, CompositeImplicitAutograd: the
+    extension's only; it has no implementation without the extension, and is not called then).
+
+The function ``spectral_norm`` at the bottom is what the modules and the batching layer call: the two ops
 when the kernels can run the weights, the reference (plain torch autograd) otherwise.
 Without the extension, normalize has no autograd and is not called.
 """
@@ -89,6 +96,8 @@ SCHEMAS = (
     "normalize(Tensor[] weights, Tensor sigmas, Tensor uv, SymInt[] dims) -> (Tensor[], Tensor)",
     "normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas, "
     "Tensor uv, SymInt[] dims) -> Tensor[]",
+    "spectral_norm(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, "
+    "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)",
 )
 _lib = torch.library.Library("sn_cuda", "FRAGMENT")
 for _schema in SCHEMAS:
@@ -96,6 +105,7 @@ for _schema in SCHEMAS:
 power_iteration_op = torch.ops.sn_cuda.power_iteration.default
 normalize_op = torch.ops.sn_cuda.normalize.default
 normalize_backward_op = torch.ops.sn_cuda.normalize_backward.default
+spectral_norm_op = torch.ops.sn_cuda.spectral_norm.default
 
 
 # ---------------------------------------------- reference implementations (every device)
@@ -213,13 +223,18 @@ def spectral_norm(
     # partitioner recompute σ's vectors in the backward from the already-updated buffers
     # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
     # same problem, torch 2.14). The op keeps the update opaque to it.
-    if uses_kernels(weights[0]) or (
-        torch.compiler.is_compiling() and weights[0].dtype in _KERNEL_DTYPES
-    ):
+    compiling = torch.compiler.is_compiling()
+    if uses_kernels(weights[0]) or (compiling and weights[0].dtype in _KERNEL_DTYPES):
         weights, dims = list(weights), list(dims)
         # range() in the reference raises this TypeError for a float; the schema's would differ.
         n_power_iterations = int(operator.index(n_power_iterations))
-        with torch.no_grad():
+        if not compiling:  # uses_kernels: the extension, hence the fused op, is loaded
+            return spectral_norm_op(
+                weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training
+            )
+        # torch.compile traces the two ops (the fused one has no implementation without the
+        # extension, and would only be decomposed into them).
+        with torch.no_grad():  # torch, too, iterates under no_grad
             sigmas, uv = power_iteration_op(
                 weights, list(us), list(vs), dims, u_first, n_power_iterations, float(eps), training
             )

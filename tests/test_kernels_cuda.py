@@ -381,6 +381,8 @@ def test_opcheck(dtype):
     w_sn = [w / 2 for w in weights]
     for gsig in (None, torch.randn_like(sigmas)):
         torch.library.opcheck(OPS.normalize_backward.default, (grads, gsig, w_sn, sigmas, uv, dims))
+    for training in (True, False):
+        torch.library.opcheck(OPS.spectral_norm.default, (leaves, us, vs, dims, False, 1, EPS, training))
 
 
 def _count_kernels(fn) -> int:

@@ -1,4 +1,5 @@
-"""The op boundary: sn_cuda::power_iteration, sn_cuda::normalize, sn_cuda::normalize_backward.
+"""The op boundary: sn_cuda::power_iteration, sn_cuda::normalize, sn_cuda::normalize_backward,
+and sn_cuda::spectral_norm (the first two in one call).
 
 Per op: torch.library.opcheck (schema and mutation, fake kernel, autograd registration,
 tracing), results against sn_cuda.reference, and gradients against torch autograd through
@@ -24,6 +25,7 @@ from sn_cuda import ops, reference
 power_iteration = torch.ops.sn_cuda.power_iteration
 normalize = torch.ops.sn_cuda.normalize
 normalize_backward = torch.ops.sn_cuda.normalize_backward
+spectral_norm_op = torch.ops.sn_cuda.spectral_norm
 
 # Layer lists (shape, dim): one layer; conv + transposed conv + linear; 5-D and a one-row
 # matrix; a middle dim.
@@ -110,6 +112,57 @@ def test_opcheck_normalize_backward(case, dtype, with_grad_sigmas, device):
     grads = [torch.randn_like(w) for w in w_sn]
     grad_sigmas = torch.randn_like(sigmas) if with_grad_sigmas else None
     torch.library.opcheck(normalize_backward.default, (grads, grad_sigmas, w_sn, sigmas, uv, dims))
+
+
+@needs_normalize_autograd
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_spectral_norm(case, training, device):
+    weights, us, vs, dims = make_layers(case, torch.float64, device)
+    leaves = [w.requires_grad_() for w in weights]
+    u_first = case != "mixed"
+    torch.library.opcheck(spectral_norm_op.default, (leaves, us, vs, dims, u_first, 1, 1e-12, training))
+
+
+@needs_normalize_autograd
+@pytest.mark.parametrize("training", [True, False])
+def test_power_iteration_records_no_graph(training, device):
+    """Grad mode on, weights that require grad: no output requires grad (the op runs below
+    autograd, as torch iterates under no_grad); u and v still get their version bump."""
+    weights, us, vs, dims = make_layers("mixed", torch.float64, device)
+    leaves = [w.requires_grad_() for w in weights]
+    before = [t._version for t in us + vs]
+    sigmas, uv = power_iteration(leaves, us, vs, dims, True, 1, 1e-12, training)
+    assert not sigmas.requires_grad and sigmas.grad_fn is None
+    assert not uv.requires_grad and uv.grad_fn is None
+    bumped = [t._version > b for t, b in zip(us + vs, before)]
+    assert bumped == [training] * len(bumped), bumped
+
+
+@needs_normalize_autograd
+@pytest.mark.parametrize("u_first", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_spectral_norm_op_is_the_two_ops(u_first, training, n, device):
+    """The one-call op gives what power_iteration (under no_grad) then normalize give: W/σ, σ,
+    the updated u and v, and the weights' gradients, bit for bit."""
+    results = []
+    for fused in (True, False):
+        weights, us, vs, dims = make_layers("mixed", torch.float64, device, seed=3)
+        leaves = [w.requires_grad_() for w in weights]
+        args = (us, vs, dims, u_first, n, 1e-12, training)
+        if fused:
+            w_sn, sigmas = spectral_norm_op(leaves, *args)
+        else:
+            with torch.no_grad():
+                sig, uv = power_iteration(leaves, *args)
+            w_sn, sigmas = normalize(leaves, sig, uv, dims)
+        gen = torch.Generator().manual_seed(5)
+        grads = [torch.randn(w.shape, generator=gen, dtype=w.dtype).to(device) for w in w_sn]
+        torch.autograd.backward(w_sn + [sigmas], grads + [torch.ones_like(sigmas)])
+        results.append(w_sn + [sigmas] + us + vs + [w.grad for w in leaves])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a.detach(), b.detach()), f"output {i} differs"
 
 
 # -------------------------------------------------------------------- vs the reference

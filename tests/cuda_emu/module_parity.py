@@ -6,7 +6,7 @@ kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
 tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
 together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
 forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
-steps, u/v made under inference mode, and torch.library.opcheck of the three ops. Compared to
+steps, u/v made under inference mode, and torch.library.opcheck of the four ops. Compared to
 float tolerance (the kernels reduce in another order than torch).
 
     python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
@@ -132,6 +132,8 @@ def opchecks() -> None:
     w_sn = [w / 2 for w in weights]
     for grad_sigmas in (None, torch.randn_like(sigmas)):
         torch.library.opcheck(ops.normalize_backward_op, (grads, grad_sigmas, w_sn, sigmas, uv, dims))
+    for training in (True, False):
+        torch.library.opcheck(ops.spectral_norm_op, (leaves, us, vs, dims, True, 1, 1e-12, training))
 
 
 def main() -> int:
