@@ -157,11 +157,15 @@ def test_remove_restores_torch_classes_and_per_layer_behaviour():
     a, b = twin_models("mixed")
     classes = [type(p) for m in b.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.weight]
     hooks = [type(h) for m in b.modules() for h in m._forward_pre_hooks.values()]
+    lists = [m.parametrizations.weight for m in b.modules() if parametrize.is_parametrized(m)]
     handle = sn_cuda.batch(b)
+    assert all(type(l) is not parametrize.ParametrizationList for l in lists)  # the staged reads
     b(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
     a(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))  # keep the two in step (same RNG use aside)
     handle.remove()
     assert classes == [type(p) for m in b.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.weight]
+    assert all(type(l) is parametrize.ParametrizationList for l in lists)
+    assert all("_staged" not in l.__dict__ and "_staged" not in l[0].__dict__ for l in lists)
     assert hooks == [type(h) for m in b.modules() for h in m._forward_pre_hooks.values()]
     assert not b._forward_pre_hooks and not b._forward_hooks
     # per-layer again, still torch's numbers
@@ -314,6 +318,40 @@ def test_apply_bad_arguments_change_nothing():
     with pytest.raises(ValueError, match="uninitialized"):
         sn_cuda.apply(lazy)
     assert not parametrize.is_parametrized(lazy[0])
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+class _Reads(nn.Module):
+    """A root whose forward returns what its layer's ``weight`` reads as."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self):
+        return self.layer.weight
+
+
+@pytest.mark.parametrize("when", ["before_batch", "after_batch"])
+def test_parametrizations_after_spectral_norm_still_apply(when):
+    """Spectral norm first, then another parametrization: batched, the chain still runs on the
+    staged W/σ, whether the second one was registered before or after batch()."""
+    torch.manual_seed(0)
+    layer = sn_cuda.spectral_norm(nn.Linear(5, 4))
+    reference = copy.deepcopy(layer)
+    if when == "before_batch":
+        parametrize.register_parametrization(layer, "weight", _Double())
+    root = _Reads(layer)
+    handle = sn_cuda.batch(root)
+    assert len(handle) == 1
+    if when == "after_batch":
+        parametrize.register_parametrization(layer, "weight", _Double())
+    torch.testing.assert_close(root(), 2 * reference.weight, rtol=1e-6, atol=1e-7)
+    handle.remove()
 
 
 def test_one_dimensional_weights_stay_per_layer():
