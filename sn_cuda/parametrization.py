@@ -47,11 +47,14 @@ class SpectralNorm(_TorchSpectralNorm):
         if weight.ndim == 1 or weight.is_complex():
             # W / ‖W‖ for 1-D weights; complex weights stay on torch's own code.
             return super().forward(weight)
+        # The buffers and last_sigma through the dicts: nn.Module's __getattr__/__setattr__
+        # cost ~1 and ~3 µs a call, on every read of the weight.
+        buffers = self._buffers
         w_sn, sigmas = ops.spectral_norm(
-            [weight], [self._u], [self._v], [self.dim], True,
+            [weight], [buffers["_u"]], [buffers["_v"]], [self.dim], True,
             self.n_power_iterations, self.eps, self.training,
         )
-        self.last_sigma = (sigmas.detach(), 0)
+        self.__dict__["last_sigma"] = (sigmas.detach(), 0)
         return w_sn[0]
 
 
