@@ -22,7 +22,11 @@ forward of ``model`` iterates once here, twice in torch. A layer called outside 
 ``model`` computes its own weight, as without batching.
 
 Not batched (left to the per-layer path, still correct): 1-D weights, complex weights, and
-parametrization chains where spectral norm is not the first parametrization.
+parametrization chains where spectral norm is not the first parametrization. Nor the replicas
+of ``nn.DataParallel``: they share the root's hooks but not its layers, and each runs in its own
+thread, so the hook leaves them to compute their own weights, as torch does (batching the
+model it was given from every replica thread would update its u, v once per replica).
+``DistributedDataParallel`` keeps one model per process and is batched as usual.
 """
 
 from __future__ import annotations
@@ -151,6 +155,8 @@ class BatchHandle:
 
     # -- the hot path: once per forward of the root ------------------------------------------
     def _stage(self, module, args):
+        if module is not self.model:
+            return  # an nn.DataParallel replica (it shares the root's hooks): see the module docs
         self._depth += 1
         if self._depth > 1:  # re-entrant forward of the root: the outer call staged already
             return
@@ -180,6 +186,8 @@ class BatchHandle:
                     layer.plist.__dict__["_staged"] = w
 
     def _clear(self, module, args, output):
+        if module is not self.model:
+            return
         self._depth -= 1
         if self._depth == 0:
             for layer in self.layers:

@@ -354,6 +354,30 @@ def test_parametrizations_after_spectral_norm_still_apply(when):
     handle.remove()
 
 
+def test_data_parallel_replicas_compute_their_own_weights(monkeypatch):
+    """nn.DataParallel's replicas share the root's hooks (a copy of its __dict__) and run in
+    threads: the batch hook must leave them per layer, and stage only for the model it was
+    given. Simulated on the CPU with the replica torch makes of a root module."""
+    _, model = twin_models("param")
+    sn_cuda.batch(model)
+    calls = []
+    real = ops.spectral_norm
+
+    def counting(weights, *args):
+        calls.append(len(weights))
+        return real(weights, *args)
+
+    monkeypatch.setattr(ops, "spectral_norm", counting)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    model(x, y)
+    assert calls == [9]  # the model itself: one fused call for its 9 layers
+    calls.clear()
+    replica = model._replicate_for_data_parallel()
+    assert replica._forward_pre_hooks is model._forward_pre_hooks
+    replica(x, y)
+    assert calls == [1] * 9  # the replica: per layer, as without batch()
+
+
 def test_one_dimensional_weights_stay_per_layer():
     torch.manual_seed(0)
     model = nn.Module()
