@@ -14,6 +14,8 @@ deliver that many leaves' gradients whatever computes W/σ (a model without SN p
 The difference is what sn_cuda's boundary itself costs. Medians of 7 blocks; the machine's
 noise is visible in the spread between runs, so compare columns of one run.
 
+A second table times the bench's own suite step the same way (kernels taken out): the model's
+forward through the modules and ``sn_cuda.batch``, then the backward.
 Compare with issue 4's targets (a whole SN step of an 11-layer SNGAN D in <= 50 µs).
 Run: ``python bench/dispatch_floor.py`` (host time: a CPU is enough).
 """
@@ -99,6 +101,23 @@ def step_us(layers: int) -> tuple[float, float]:
     return _median_us(sn_step), _median_us(floor_step)
 
 
+def suite_step_us(suite_name: str, method: str) -> float:
+    """The bench's own step (``prepare_suite_step``: the model's forward reads every layer's
+    weight, then the backward) for ``method`` on ``suite_name``, kernels taken out: what the
+    Python layers (modules, ``sn_cuda.batch``) add to the op boundary."""
+    from sn_cuda.bench import run, suites
+
+    suite = suites.get_suite(suite_name)
+    cpu = torch.device("cpu")
+    prepared = run.prepare_suite_step(suite, method, run.suite_grads(suite, cpu, torch.float32), cpu, torch.float32)
+
+    def step():
+        prepared.zero_grads()
+        prepared.step()
+
+    return _median_us(step, repeats=100)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _install_noop_kernels()
@@ -108,3 +127,9 @@ if __name__ == "__main__":
     for n in (1, 11, 23, 64):
         sn, floor = step_us(n)
         print(f"| {n} | {sn:.1f} µs | {floor:.1f} µs | {sn - floor:.1f} µs |")
+    print()
+    print("| suite step, kernels taken out | sn_cuda per layer | sn_cuda batched |")
+    print("|---|---:|---:|")
+    for name in ("sngan_cifar_resnet_d", "many_small"):
+        layer, batched = (suite_step_us(name, m) for m in ("sn_cuda_layer", "sn_cuda_batched"))
+        print(f"| {name} | {layer:.1f} µs | {batched:.1f} µs |")

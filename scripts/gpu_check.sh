@@ -117,7 +117,7 @@ fi
 # 7. This machine's host: what the op boundary costs around the kernels (bench/RESULTS.md has
 # the CPU machine's numbers; issue 4's targets depend on it).
 step "host floor" 90 "$OUT/bench.log" "$PYTHON" bench/dispatch_floor.py
-grep -E '^\| (1|11|64) \|' "$OUT/bench.log" | sed 's/^/    /' >> "$SUMMARY"
+grep -E '^\| (1|11|64|sngan_cifar_resnet_d|many_small) \|' "$OUT/bench.log" | sed 's/^/    /' >> "$SUMMARY"
 
 echo >> "$SUMMARY"
 echo "total ${SECONDS}s, $failures step(s) failed" >> "$SUMMARY"
