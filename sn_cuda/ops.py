@@ -35,8 +35,9 @@ int n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
     which parses each tensor list once (csrc/spectral_norm.cpp, CompositeImplicitAutograd: the
     extension's only; it has no implementation without the extension, and is not called then).
 
-The function ``spectral_norm`` at the bottom is what the modules and the batching layer call: the two ops
-when the kernels can run the weights, the reference (plain torch autograd) otherwise.
+The function ``spectral_norm`` at the bottom is what the modules and the batching layer call:
+the fused op when the kernels can run the weights (the two ops under torch.compile), the
+reference (plain torch autograd) otherwise.
 Without the extension, normalize has no autograd and is not called.
 """
 
