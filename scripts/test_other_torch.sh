@@ -6,23 +6,26 @@
 # against which scripts/gpu_check.sh builds the extension. Run it before a device session, so
 # that the build step there is known to compile and the C++ autograd to pass, without spending
 # device minutes. Needs PyPI (the venv downloads torch and its CUDA libraries, ~3 GB); CI does
-# not run it. Everything goes under build/torch-<version>/ (ignored by git); a rerun reuses the
-# venv. Usage: scripts/test_other_torch.sh [VERSION]
+# not run it. VENV_PYTHON picks the interpreter of the venv (the GPU machine's is Python 3.12:
+# VENV_PYTHON=python3.12). Everything goes under build/torch-<version>-py<X.Y>/ (ignored by
+# git); a rerun reuses the venv. Usage: [VENV_PYTHON=...] scripts/test_other_torch.sh [VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSION="${1:-2.11.0}"
-WORK="build/torch-$VERSION"
+VENV_PYTHON="${VENV_PYTHON:-python3}"
+PY_VERSION="$("$VENV_PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+WORK="build/torch-$VERSION-py$PY_VERSION"
 mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 . scripts/env.sh  # CUDA_HOME (PYTHON is this venv's below)
 
 if [ ! -x "$WORK/venv/bin/python" ]; then
-  python3 -m venv "$WORK/venv"
+  "$VENV_PYTHON" -m venv "$WORK/venv"
   "$WORK/venv/bin/pip" install -q "torch==$VERSION" ninja "pytest>=7" "pytest-benchmark>=4" numpy
 fi
 PY="$WORK/venv/bin/python"
-"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 
 rm -rf "$WORK/repo"
 git clone -q . "$WORK/repo"
