@@ -430,6 +430,38 @@ def test_launches_per_call_and_no_sync(layers, chunks):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def check_vectors_sharing_memory(ops, device):
+    """u and v are written in place by many blocks at once: vectors that share memory with
+    themselves, each other or a weight are refused (a race on the GPU); vectors packed side by
+    side in one buffer, or interleaved columns of one matrix, are not."""
+    weights, us, vs, dims = make_layers([((4, 3), 0), ((4, 2), 0)], torch.float32, device)
+    packed = torch.cat([us[0], vs[0]])  # u_0 and v_0 side by side: no overlap
+    columns = torch.stack([us[0], us[1]], dim=1)  # u_0 and u_1 interleaved: no overlap
+    for u, v in [([packed[:4], us[1]], [packed[4:], vs[1]]), ([columns[:, 0], columns[:, 1]], vs)]:
+        sigmas, _ = ops.power_iteration(weights, u, v, dims, True, 1, EPS, True)
+        assert sigmas.isfinite().all()
+    sliced = torch.cat([us[0], vs[0][:2]])  # u_0 = sliced[:4], v_0 = sliced[2:5]: two overlap
+    sliced = torch.cat([sliced, torch.zeros(1, device=device)])
+    cases = [
+        (weights, [torch.ones(1, device=device).expand(4), us[1]], vs, r"us\[0\] has elements that share memory"),
+        (weights, [us[0], us[0]], vs, r"us\[[01]\] shares memory with us\[[01]\]"),
+        (weights, [sliced[:4], us[1]], [sliced[2:5], vs[1]], r"(us\[0\] shares memory with vs\[0\]|vs\[0\] shares memory with us\[0\])"),
+        (weights, [weights[0].view(-1)[:4], us[1]], vs, r"(us\[0\] shares memory with weights\[0\]|weights\[0\] shares memory with us\[0\])"),
+    ]
+    for ws, u, v, message in cases:
+        before = [t.clone() for t in u + v]
+        with pytest.raises(RuntimeError, match=message):
+            ops.power_iteration(ws, u, v, dims, True, 1, EPS, True)
+        for t, old in zip(u + v, before):  # refused before any launch: nothing written
+            assert torch.equal(t, old)
+
+
+@pytest.mark.cuda
+@cuda
+def test_vectors_sharing_memory_are_refused():
+    check_vectors_sharing_memory(OPS, "cuda")
+
+
 @pytest.mark.cuda
 @cuda
 def test_argument_errors_name_the_argument():

@@ -130,6 +130,10 @@ def test_argument_errors_name_the_argument(emulated):
         emulated.power_iteration([w.int() for w in weights], us, vs, dims, True, 1, K.EPS, True)
 
 
+def test_vectors_sharing_memory_are_refused(emulated):
+    K.check_vectors_sharing_memory(emulated, "cpu")
+
+
 def test_modules_on_the_emulated_kernels_match_torch():
     """sn_cuda's modules, batch(), the C++ autograd and the kernels together, against torch's
     spectral norm, in a process of its own (tests/cuda_emu/module_parity.py says why)."""

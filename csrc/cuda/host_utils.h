@@ -2,6 +2,7 @@
 // (pre, rows, post) view of a weight. (How a call reaches the kernels: cuda/launch_utils.h.)
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -97,6 +98,57 @@ inline void check_acc_vector(
   TORCH_CHECK(
       t.dim() == 1 && t.numel() == n, op, ": ", name, " must be a vector of ", n,
       " elements, got shape ", t.sizes());
+}
+
+// u and v are written in place while every weight is read, by many blocks at once: a vector
+// whose elements share memory (an expanded tensor), or that shares memory with another vector or
+// with a weight, would race on the GPU, with no error. Refused, as torch refuses in-place
+// outputs that overlap. Only dense spans are compared (as torch's overlap checks do): strided
+// vectors may interleave harmlessly (columns of one matrix), non-contiguous weights are copied.
+inline void check_vectors_disjoint(
+    const char* op, at::TensorList weights, at::TensorList us, at::TensorList vs) {
+  struct Span {
+    uintptr_t begin, end;
+    const char* name;
+    size_t index;
+    bool written;
+  };
+  std::vector<Span> spans;
+  spans.reserve(3 * weights.size());
+  auto add = [&](const at::Tensor& t, const char* name, size_t i, bool written) {
+    if (t.numel() == 0) return;
+    if (written) {
+      TORCH_CHECK(
+          t.numel() == 1 || t.stride(0) != 0, op, ": ", name, "[", i,
+          "] has elements that share memory (an expanded tensor?); it is written in place: "
+          "pass a tensor of its own (.clone())");
+    }
+    if (!t.is_contiguous()) return;
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    spans.push_back({begin, begin + t.numel() * t.element_size(), name, i, written});
+  };
+  for (size_t i = 0; i < weights.size(); ++i) {
+    add(weights[i], "weights", i, false);
+    add(us[i], "us", i, true);
+    add(vs[i], "vs", i, true);
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  // Sweep in address order, keeping the span that reaches furthest, and the written one that
+  // does: a written span that overlaps an earlier one overlaps the first; any span that
+  // overlaps an earlier written one overlaps the second.
+  const Span* furthest = nullptr;
+  const Span* furthest_written = nullptr;
+  for (const Span& s : spans) {
+    const Span* hit = nullptr;
+    if (s.written && furthest != nullptr && s.begin < furthest->end) hit = furthest;
+    if (furthest_written != nullptr && s.begin < furthest_written->end) hit = furthest_written;
+    TORCH_CHECK(
+        hit == nullptr, op, ": ", s.name, "[", s.index, "] shares memory with ",
+        hit == nullptr ? "" : hit->name, "[", hit == nullptr ? 0 : hit->index,
+        "]; u and v are written in place: give every layer vectors of its own");
+    if (furthest == nullptr || s.end > furthest->end) furthest = &s;
+    if (s.written && (furthest_written == nullptr || s.end > furthest_written->end)) furthest_written = &s;
+  }
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

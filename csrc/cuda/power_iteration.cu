@@ -301,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
         contiguous.back().const_data_ptr(), us[i].data_ptr(), us[i].stride(0), vs[i].data_ptr(),
         vs[i].stride(0), m);
   }
+  check_vectors_disjoint(op, weights, us, vs);
 
   const at::ScalarType acc = acc_dtype(dtype);
   const auto acc_options = at::TensorOptions().dtype(acc).device(device);
