@@ -17,7 +17,9 @@ int n_power_iterations, float eps, bool training) -> (Tensor sigmas, Tensor uv)`
     training). ``uv`` is a packed snapshot [u_0, v_0, u_1, v_1, ...] of the vectors σ used,
     for the backward (the buffers may be updated again before it runs). ``sigmas`` and ``uv``
     have the accumulation dtype: float64 for float64 weights, float32 otherwise. No autograd:
-    torch, too, runs power iteration under no_grad.
+    torch, too, runs power iteration under no_grad. Every u and v must have memory of its own
+    (not shared with another vector or a weight, not expanded): the CUDA kernels, which would
+    race on it, refuse it; the reference updates the layers one after another.
 
 ``normalize(Tensor[] weights, Tensor sigmas, Tensor uv, int[] dims) -> (Tensor[], Tensor)``
     W_l/σ_l, and σ as a differentiable output. ``sigmas`` and ``uv`` must be what
@@ -37,7 +39,7 @@ int n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
 
 The function ``spectral_norm`` at the bottom is what the modules and the batching layer call:
 the fused op when the kernels can run the weights (the two ops under torch.compile), the
-reference (plain torch autograd) otherwise.
+reference (plain torch autograd) otherwise, and inside torch.func transforms.
 Without the extension, normalize has no autograd and is not called.
 """
 
@@ -195,6 +197,7 @@ def _has_kernel(op: str, key: str) -> bool:
 if not _has_kernel("power_iteration", "ADInplaceOrView"):
     _lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
 _NORMALIZE_HAS_AUTOGRAD = _has_kernel("normalize", "Autograd")
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
 
 
 # ------------------------------------------------------------------- what modules call
@@ -215,7 +218,8 @@ def spectral_norm(
 ) -> tuple[list[Tensor], Tensor]:
     """W/σ and σ for layers of 2 or more dims sharing one device and dtype.
 
-    The fused ops when the kernels can run them, the pure-torch reference otherwise. Returns
+    The fused ops when the kernels can run them, the pure-torch reference otherwise (and
+    inside torch.func transforms, which cannot differentiate the fused op's C++ autograd). Returns
     ``(w_sn, sigmas)``: the list of W/σ and a 1-D tensor of the σ's, both differentiable with
     respect to the weights.
     """
@@ -225,7 +229,14 @@ def spectral_norm(
     # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
     # same problem, torch 2.14). The op keeps the update opaque to it.
     compiling = torch.compiler.is_compiling()
-    if uses_kernels(weights[0]) or (compiling and weights[0].dtype in _KERNEL_DTYPES):
+    if compiling:
+        kernel_path = weights[0].dtype in _KERNEL_DTYPES
+    else:
+        # Inside a torch.func transform (grad, vjp, jacrev, vmap, functional_call under grad)
+        # the reference serves: functorch cannot differentiate through normalize's autograd,
+        # a C++ torch::autograd::Function, and raises; plain torch ops it can.
+        kernel_path = uses_kernels(weights[0]) and _functorch_interpreter() is None
+    if kernel_path:
         weights, dims = list(weights), list(dims)
         # range() in the reference raises this TypeError for a float; the schema's would differ.
         n_power_iterations = int(operator.index(n_power_iterations))

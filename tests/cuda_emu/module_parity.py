@@ -6,7 +6,8 @@ kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
 tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
 together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
 forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
-steps, u/v made under inference mode, and torch.library.opcheck of the four ops. Compared to
+steps, u/v made under inference mode, torch.func transforms, and torch.library.opcheck of the
+four ops. Compared to
 float tolerance (the kernels reduce in another order than torch).
 
     python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
@@ -114,6 +115,28 @@ def inference_buffers() -> None:
     assert torch.equal(us[0], before), "the refused call changed u"
 
 
+def functorch_transforms() -> None:
+    """torch.func.grad of functional_call, per layer and batched: sn_cuda steps aside for the
+    reference inside the transform (functorch refuses normalize's C++ autograd Function)."""
+    from torch.func import functional_call, grad
+
+    x = torch.randn(2, 3, 8, 8)
+    for flavour, (torch_fn, sn_fn) in FLAVOURS.items():
+        for batched in (False, True):
+            ref, sn = model(torch_fn), model(sn_fn)
+            handle = sn_cuda.batch(sn) if batched else None
+            params = {k: 2 * p.detach() for k, p in ref.named_parameters()}
+            grads = []
+            for m in (ref, sn):
+                buffers = {k: b.clone() for k, b in m.named_buffers()}
+                loss = lambda p: functional_call(m, {**p, **buffers}, (x,)).square().sum()  # noqa: E731
+                grads.append(grad(loss)(params))
+            for key in grads[0]:
+                compare(f"torch.func.grad {flavour} batched={batched} {key}", grads[1][key], grads[0][key])
+            if handle is not None:
+                handle.remove()
+
+
 def opchecks() -> None:
     """torch.library.opcheck on the kernels: schema (what they mutate), fake kernels (output
     shapes, strides, dtypes), autograd registration, AOT dispatch."""
@@ -152,6 +175,7 @@ def main() -> int:
             train_and_compare(flavour, batched)
     penalty_gradient()
     inference_buffers()
+    functorch_transforms()
     opchecks()
     print("module_parity: ok")
     return 0
