@@ -38,8 +38,9 @@ int n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
     extension's only; it has no implementation without the extension, and is not called then).
 
 The function ``spectral_norm`` at the bottom is what the modules and the batching layer call:
-the fused op when the kernels can run the weights (the two ops under torch.compile), the
-reference (plain torch autograd) otherwise, and inside torch.func transforms.
+the fused op when the kernels can run the weights (the two ops under torch.compile in
+training), the reference (plain torch autograd) otherwise: also inside torch.func transforms,
+under torch.jit.trace, and under torch.compile / torch.export in eval mode.
 Without the extension, normalize has no autograd and is not called.
 """
 
@@ -198,6 +199,7 @@ if not _has_kernel("power_iteration", "ADInplaceOrView"):
     _lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
 _NORMALIZE_HAS_AUTOGRAD = _has_kernel("normalize", "Autograd")
 _functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
+_jit_tracing = torch._C._is_tracing
 
 
 # ------------------------------------------------------------------- what modules call
@@ -218,24 +220,28 @@ def spectral_norm(
 ) -> tuple[list[Tensor], Tensor]:
     """W/σ and σ for layers of 2 or more dims sharing one device and dtype.
 
-    The fused ops when the kernels can run them, the pure-torch reference otherwise (and
-    inside torch.func transforms, which cannot differentiate the fused op's C++ autograd). Returns
+    The fused ops when the kernels can run them, the pure-torch reference otherwise (and in the
+    traced and transformed cases said below). Returns
     ``(w_sn, sigmas)``: the list of W/σ and a 1-D tensor of the σ's, both differentiable with
     respect to the weights.
     """
-    # Under torch.compile power_iteration is taken on every device (its default implementation
-    # is the reference): traced inline, the reference's in-place update of u, v lets inductor's
-    # partitioner recompute σ's vectors in the backward from the already-updated buffers
-    # (wrong weight gradients in the hook flavour's order; torch's own hook flavour has the
-    # same problem, torch 2.14). The op keeps the update opaque to it.
     compiling = torch.compiler.is_compiling()
     if compiling:
-        kernel_path = weights[0].dtype in _KERNEL_DTYPES
+        # Under torch.compile and torch.export, a training call traces the ops on every device
+        # (power_iteration's default implementation is the reference): traced inline, the
+        # reference's in-place update of u, v lets inductor's partitioner recompute σ's vectors
+        # in the backward from the already-updated buffers (wrong weight gradients in the hook
+        # flavour's order; torch's own hook flavour has the same problem, torch 2.14). The op
+        # keeps the update opaque to it. An eval call updates nothing: plain torch ops, which
+        # inductor fuses and every exporter (ONNX, AOTInductor) knows without sn_cuda.
+        kernel_path = training and weights[0].dtype in _KERNEL_DTYPES
     else:
-        # Inside a torch.func transform (grad, vjp, jacrev, vmap, functional_call under grad)
-        # the reference serves: functorch cannot differentiate through normalize's autograd,
-        # a C++ torch::autograd::Function, and raises; plain torch ops it can.
-        kernel_path = uses_kernels(weights[0]) and _functorch_interpreter() is None
+        # The reference serves inside a torch.func transform (grad, vjp, jacrev, vmap), which
+        # cannot differentiate normalize's autograd, a C++ torch::autograd::Function, and
+        # under torch.jit.trace, whose graph then runs (and exports) without sn_cuda.
+        kernel_path = (
+            uses_kernels(weights[0]) and _functorch_interpreter() is None and not _jit_tracing()
+        )
     if kernel_path:
         weights, dims = list(weights), list(dims)
         # range() in the reference raises this TypeError for a float; the schema's would differ.

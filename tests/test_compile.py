@@ -2,8 +2,9 @@
 
 ``fullgraph=True`` turns any graph break into an error, so compiling at all proves that
 sn_cuda's modules, ``sn_cuda.batch``'s forward pre-hook and the ``sn_cuda::`` ops trace
-whole. Under compile the ops are taken on every device (their default implementation is the
-reference), which keeps the in-place update of u and v opaque to the partitioner: traced
+whole. Under compile a training call takes the ops on every device (their default
+implementation is the reference), which keeps the in-place update of u and v opaque to the
+partitioner (an eval call, which updates nothing, traces plain torch ops): traced
 inline, that update let inductor recompute σ's vectors in the backward from the already
 updated buffers (wrong gradients in the hook flavour's order; torch's own hook flavour
 shows it, torch 2.14, CPU) — ``test_inductor_training_steps_match_eager`` guards it.
@@ -131,6 +132,28 @@ def test_inductor_training_steps_match_eager():
 @pytest.mark.parametrize("flavour, batched", CASES, ids=IDS)
 def test_fullgraph_training_steps_match_eager_cuda(flavour, batched):
     run_compile_check(flavour, batched, "cuda", "inductor", dict(rtol=1e-4, atol=1e-5))
+
+
+def sn_cuda_calls(graph: torch.fx.Graph) -> list:
+    """The sn_cuda ops a graph calls (at its top level)."""
+    return [n for n in graph.nodes if "sn_cuda" in str(n.target)]
+
+
+@pytest.mark.parametrize("flavour, batched", CASES, ids=IDS)
+def test_export_in_eval_mode_is_plain_torch(flavour, batched, device):
+    """An exported eval model (deployment, ONNX, AOTInductor) needs no sn_cuda: nothing is
+    updated in eval, so the reference's plain ops are traced. In training, the ops are kept
+    (the module docstring says why)."""
+    torch._dynamo.reset()
+    model = build(flavour, batched, device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    model.eval()
+    exported = torch.export.export(model, (x,))
+    assert sn_cuda_calls(exported.graph) == []
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
+    model.train()
+    assert sn_cuda_calls(torch.export.export(model, (x,)).graph) != []
 
 
 def test_deepcopy_of_a_compiled_training_forward():

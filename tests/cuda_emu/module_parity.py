@@ -6,8 +6,8 @@ kernels as sn_cuda's CPU kernels and sends CPU weights down the kernel path
 tests do not: the modules, batch(), the C++ autograd (csrc/autograd.cpp) and the kernels
 together, as on a GPU: the packed uv and σ handed from op to op, the backward through two
 forwards (D(real), D(fake)), σ's own gradient (SpectralPenalty), eval mode, several optimizer
-steps, u/v made under inference mode, torch.func transforms, and torch.library.opcheck of the
-four ops. Compared to
+steps, u/v made under inference mode, torch.func transforms, torch.jit.trace, activation
+checkpointing, and torch.library.opcheck of the four ops. Compared to
 float tolerance (the kernels reduce in another order than torch).
 
     python tests/cuda_emu/module_parity.py      # exit 0 when every check passes
@@ -137,6 +137,48 @@ def functorch_transforms() -> None:
                 handle.remove()
 
 
+def jit_trace() -> None:
+    """torch.jit.trace records the reference's plain ops, not the kernels: the trace runs (and
+    exports to ONNX) without sn_cuda, and equals a trace of torch's spectral norm."""
+    x = torch.randn(2, 3, 8, 8)
+    for flavour, (torch_fn, sn_fn) in FLAVOURS.items():
+        for training in (False, True):
+            # Tracing a parametrized module reads its weight more than once (torch's too).
+            ref, sn = (model(fn).train(training) for fn in (torch_fn, sn_fn))
+            traced = [torch.jit.trace(m, (x,), check_trace=False) for m in (ref, sn)]
+            assert "sn_cuda::" not in str(traced[1].inlined_graph), f"{flavour}: the trace calls sn_cuda's ops"
+            with torch.no_grad():
+                compare(f"traced {flavour} training={training}", traced[1](x), traced[0](x))
+            for a, b in zip(sn.buffers(), ref.buffers()):
+                compare(f"u/v after the traced {flavour} training={training}", a, b)
+
+
+def activation_checkpointing() -> None:
+    """torch.utils.checkpoint recomputes the forward in the backward (iterating again, as
+    torch's spectral norm does): outputs, gradients and u/v as torch's, both variants."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 3, 8, 8)
+    for flavour, (torch_fn, sn_fn) in FLAVOURS.items():
+        for batched in (False, True):
+            for reentrant in (False, True):
+                ref, sn = model(torch_fn), model(sn_fn)
+                handle = sn_cuda.batch(sn) if batched else None
+                outs = []
+                for m in (ref, sn):
+                    out = checkpoint(m, x.clone().requires_grad_(), use_reentrant=reentrant)
+                    out.sum().backward()
+                    outs.append(out.detach())
+                what = f"checkpointed {flavour} batched={batched} reentrant={reentrant}"
+                compare(f"{what} output", outs[1], outs[0])
+                for (key, a), b in zip(sn.named_parameters(), ref.parameters()):
+                    compare(f"{what} grad of {key}", a.grad, b.grad)
+                for (key, a), b in zip(sn.named_buffers(), ref.buffers()):
+                    compare(f"{what} {key}", a, b)
+                if handle is not None:
+                    handle.remove()
+
+
 def opchecks() -> None:
     """torch.library.opcheck on the kernels: schema (what they mutate), fake kernels (output
     shapes, strides, dtypes), autograd registration, AOT dispatch."""
@@ -176,6 +218,8 @@ def main() -> int:
     penalty_gradient()
     inference_buffers()
     functorch_transforms()
+    jit_trace()
+    activation_checkpointing()
     opchecks()
     print("module_parity: ok")
     return 0
