@@ -26,7 +26,9 @@ parametrization chains where spectral norm is not the first parametrization. Nor
 of ``nn.DataParallel``: they share the root's hooks but not its layers, and each runs in its own
 thread, so the hook leaves them to compute their own weights, as torch does (batching the
 model it was given from every replica thread would update its u, v once per replica).
-``DistributedDataParallel`` keeps one model per process and is batched as usual.
+``DistributedDataParallel`` keeps one model per process and is batched as usual. Nor layers
+whose weight is sharded when the root's forward starts (FSDP2's ``fully_shard``: a DTensor,
+gathered only in its own module's forward): each computes its own weight there, as torch does.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ from . import legacy, ops, parametrization
 __all__ = ["batch", "apply", "sigmas", "BatchHandle", "spectral_norm_layers"]
 
 _TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = ()  # isinstance(x, ()) is False
 
 
 class _StagedParametrizations(ParametrizationList):
@@ -163,6 +169,8 @@ class BatchHandle:
         groups: dict = {}
         for layer, static in zip(self.layers, self._static_keys):
             weight = layer.params[layer.wkey]
+            if isinstance(weight, _DTensor):
+                continue  # sharded (FSDP2): whole only inside its layer's forward, per layer there
             key = (weight.device, weight.dtype, layer.mode.training, static)
             group = groups.get(key)
             if group is None:

@@ -1,4 +1,4 @@
-"""DistributedDataParallel: two processes, gloo on localhost (CPU), each flavour and batch().
+"""DDP and FSDP2: two processes, gloo on localhost (CPU), each flavour and batch().
 
 Each rank trains a copy of the same spectral-normalized model on its half of every global
 batch, for a few optimizer steps. Checked after every step:
@@ -7,6 +7,10 @@ batch, for a few optimizer steps. Checked after every step:
   forward, and both ranks iterate on identical weights);
 * the gradients DDP leaves (averaged over the ranks) equal, to float tolerance, those of a
   single process on the concatenated batch, and the buffers follow the single process too.
+
+The same holds under FSDP2 (``fully_shard`` on each spectral-normalized layer and the root,
+after ``sn_cuda.batch``): the weights are sharded between forwards, so batch() leaves those
+layers to compute in their own forward, where FSDP has gathered them.
 
 One spawn runs every configuration, to keep the two interpreters' start-up (torch imports)
 paid once.
@@ -20,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sn_cuda
@@ -30,6 +36,8 @@ STEPS = 3
 PER_RANK = 3
 # torch_flavours_batched: torch's two flavours (mixed) taken over by sn_cuda.batch.
 CONFIGS = ["legacy", "param", "param_batched", "torch_flavours_batched"]
+FSDP_CONFIGS = ["legacy", "param", "legacy_batched", "param_batched", "torch_flavours_batched"]
+SN_LAYERS = (0, 2, 4, 6)
 
 
 def build(config: str) -> nn.Module:
@@ -40,7 +48,7 @@ def build(config: str) -> nn.Module:
         nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 3, 1),
     )
     torch.manual_seed(1)
-    layers = [model[i] for i in (0, 2, 4, 6)]
+    layers = [model[i] for i in SN_LAYERS]
     for i, layer in enumerate(layers):
         if config.startswith("legacy"):
             sn_cuda.legacy.spectral_norm(layer)
@@ -67,10 +75,20 @@ def train(model, batches, wrap=None):
     for x in batches:
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x)).backward()
-        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        grads = {k: _whole(p.grad) for k, p in model.named_parameters()}
         opt.step()
         record.append((grads, {k: b.clone() for k, b in model.named_buffers()}))
     return record
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t.clone()
+
+
+def fsdp(model: nn.Module) -> nn.Module:
+    for i in SN_LAYERS:
+        fully_shard(model[i])
+    return fully_shard(model)
 
 
 def _worker(rank, init_file, out_dir, data):
@@ -81,6 +99,9 @@ def _worker(rank, init_file, out_dir, data):
         for config in CONFIGS:
             mine = [x[rank * PER_RANK : (rank + 1) * PER_RANK] for x in data]
             results[config] = train(build(config), mine, wrap=DDP)
+        for config in FSDP_CONFIGS:
+            mine = [x[rank * PER_RANK : (rank + 1) * PER_RANK] for x in data]
+            results[f"fsdp_{config}"] = train(build(config), mine, wrap=fsdp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -97,10 +118,10 @@ def ddp_results():
     return data, ranks
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS + [f"fsdp_{c}" for c in FSDP_CONFIGS])
 def test_ddp_matches_one_process_on_the_whole_batch(config, ddp_results):
     data, ranks = ddp_results
-    single = train(build(config), data)
+    single = train(build(config.removeprefix("fsdp_")), data)
     for step in range(STEPS):
         (g0, b0), (g1, b1) = ranks[0][config][step], ranks[1][config][step]
         g_ref, b_ref = single[step]
