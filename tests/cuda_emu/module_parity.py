@@ -50,6 +50,14 @@ def compare(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
 
 
+def compare_twins(when: str, sn: nn.Module, ref: nn.Module) -> None:
+    """The gradients and u/v of sn_cuda's model against torch's twin."""
+    for (key, a), b in zip(sn.named_parameters(), ref.parameters()):
+        compare(f"grad of {key}, {when}", a.grad, b.grad)
+    for (key, a), b in zip(sn.named_buffers(), ref.buffers()):
+        compare(f"{key}, {when}", a, b)
+
+
 def train_and_compare(flavour: str, batched: bool) -> None:
     torch_fn, sn_fn = FLAVOURS[flavour]
     ref, sn = model(torch_fn), model(sn_fn)
@@ -66,10 +74,7 @@ def train_and_compare(flavour: str, batched: bool) -> None:
             losses.append(loss)
         when = f"{flavour}{' batched' if batched else ''}, step {step}"
         compare(f"loss, {when}", losses[1], losses[0])
-        for (key, a), b in zip(sn.named_parameters(), ref.parameters()):
-            compare(f"grad of {key}, {when}", a.grad, b.grad)
-        for (key, a), b in zip(sn.named_buffers(), ref.buffers()):
-            compare(f"{key}, {when}", a, b)
+        compare_twins(when, sn, ref)
         for opt in opts:
             opt.step()
     for m in (ref, sn):
@@ -169,12 +174,9 @@ def activation_checkpointing() -> None:
                     out = checkpoint(m, x.clone().requires_grad_(), use_reentrant=reentrant)
                     out.sum().backward()
                     outs.append(out.detach())
-                what = f"checkpointed {flavour} batched={batched} reentrant={reentrant}"
-                compare(f"{what} output", outs[1], outs[0])
-                for (key, a), b in zip(sn.named_parameters(), ref.parameters()):
-                    compare(f"{what} grad of {key}", a.grad, b.grad)
-                for (key, a), b in zip(sn.named_buffers(), ref.buffers()):
-                    compare(f"{what} {key}", a, b)
+                when = f"checkpointed {flavour}, batched={batched}, reentrant={reentrant}"
+                compare(f"output, {when}", outs[1], outs[0])
+                compare_twins(when, sn, ref)
                 if handle is not None:
                     handle.remove()
 
