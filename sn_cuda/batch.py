@@ -18,8 +18,18 @@ Where this differs from torch: one power iteration step (of ``n_power_iterations
 per forward of ``model``. torch iterates each time the layer runs (hook flavour) or each time
 the parametrized weight is read (parametrization flavour). In the common case — each layer
 runs once per forward of the model — the two are the same; a layer that runs twice in one
-forward of ``model`` iterates once here, twice in torch. A layer called outside a forward of
-``model`` computes its own weight, as without batching.
+forward of ``model`` iterates once here, twice in torch, and a layer that does not run in a
+forward (a head the forward did not pick) iterates here, not in torch. A layer called outside
+a forward of ``model`` computes its own weight, as without batching; so does a layer whose
+spectral norm was removed since, and, inside ``parametrize.cached()``, a weight already cached.
+``n_power_iterations`` and ``eps`` are read on every forward, as torch's layers read them.
+
+Activation checkpointing: ``torch.utils.checkpoint`` of the whole model, and of any region
+with ``use_reentrant=True``, gives torch's numbers. With ``use_reentrant=False``, a region
+inside the model's forward that holds batched layers fails in the backward with torch's
+``CheckpointError``: the region's forward used the staged weights, its recomputation (after
+the root's forward) computes them per layer, and the saved tensors differ. Batch a module that
+leaves such regions out, or use ``use_reentrant=True`` there.
 
 Not batched (left to the per-layer path, still correct): 1-D weights, complex weights, and
 parametrization chains where spectral norm is not the first parametrization. Nor the replicas
@@ -72,9 +82,9 @@ class _Layer:
     """One spectral-normalized tensor: where its weight, u, v live and which object computes it."""
 
     __slots__ = ("name", "module", "sn", "param_flavour", "plist", "torch_class",
-                 "plist_class", "params", "wkey", "buffers", "ukey", "vkey", "mode")
+                 "plist_class", "params", "wkey", "buffers", "ukey", "vkey", "mode", "cache_key")
 
-    def __init__(self, name, module, sn, param_flavour, plist=None):
+    def __init__(self, name, module, sn, param_flavour, plist=None, tensor_name=None):
         self.name = name  # qualified name, "" for the root
         self.module = module  # the module that owns the weight
         self.sn = sn  # parametrization module or legacy hook
@@ -84,10 +94,12 @@ class _Layer:
         self.plist_class = None  # the ParametrizationList's class, to restore on remove()
         # Where the hot path finds weight, u and v: the modules' own dicts (they stay the
         # same objects through .to(), load_state_dict and optimizer steps), and the keys.
+        self.cache_key = None  # parametrize.cached()'s key for the weight (parametrization flavour)
         if param_flavour:
             self.params, self.wkey = plist._parameters, "original"
             self.buffers, self.ukey, self.vkey = sn._buffers, "_u", "_v"
             self.mode = sn  # train()/eval() reach the parametrization module
+            self.cache_key = (id(module), tensor_name)
         else:
             self.params, self.wkey = module._parameters, sn.name + "_orig"
             self.buffers, self.ukey, self.vkey = module._buffers, sn.name + "_u", sn.name + "_v"
@@ -105,7 +117,7 @@ def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
             for tensor_name, plist in module.parametrizations.items():
                 for p in plist:
                     if isinstance(p, _TorchParamSN):
-                        yield _Layer(_join(name, tensor_name), module, p, True, plist)
+                        yield _Layer(_join(name, tensor_name), module, p, True, plist, tensor_name)
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, _TorchHookSN):
                 yield _Layer(_join(name, hook.name), module, hook, False)
@@ -151,36 +163,43 @@ class BatchHandle:
                 layer.plist.__class__ = _StagedParametrizations
         self.model = model
         self.layers = layers
-        # Layers sharing flavour and settings can share a call (device/dtype/mode checked per forward).
-        self._static_keys = [
-            (l.param_flavour, l.sn.n_power_iterations, l.sn.eps) for l in layers
-        ]
-        self._pre = model.register_forward_pre_hook(self._stage)
+        # First of the root's pre-hooks: a legacy spectral norm on the root itself (registered
+        # before) then finds its weight staged instead of iterating on its own as well.
+        self._pre = model.register_forward_pre_hook(self._stage, prepend=True)
         self._post = model.register_forward_hook(self._clear, always_call=True)
-        self._depth = 0
 
     # -- the hot path: once per forward of the root ------------------------------------------
     def _stage(self, module, args):
         if module is not self.model:
             return  # an nn.DataParallel replica (it shares the root's hooks): see the module docs
-        self._depth += 1
-        if self._depth > 1:  # re-entrant forward of the root: the outer call staged already
-            return
+        # Every forward of the root stages afresh, and nothing else carries over from one
+        # forward to the next: a forward stopped by a BaseException (KeyboardInterrupt), which
+        # skips the forward hooks, leaves no state that the next forward would trust. (A
+        # forward of the root nested in another restages; its end clears, and the rest of the
+        # outer forward computes per layer.)
+        cache = parametrize._cache if parametrize._cache_enabled else None
         groups: dict = {}
-        for layer, static in zip(self.layers, self._static_keys):
-            weight = layer.params[layer.wkey]
-            if isinstance(weight, _DTensor):
-                continue  # sharded (FSDP2): whole only inside its layer's forward, per layer there
-            key = (weight.device, weight.dtype, layer.mode.training, static)
+        for layer in self.layers:
+            weight = layer.params.get(layer.wkey)
+            if weight is None or isinstance(weight, _DTensor):
+                # Spectral norm removed since (remove_spectral_norm), or a weight sharded by
+                # FSDP2 (whole only inside its own module's forward): per layer, as torch.
+                continue
+            if cache is not None and layer.cache_key in cache:
+                continue  # inside parametrize.cached(), computed once already, as torch does
+            sn = layer.sn
+            # n_power_iterations and eps read each time, as torch's layers do.
+            key = (weight.device, weight.dtype, layer.mode.training, layer.param_flavour,
+                   sn.n_power_iterations, sn.eps)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ([], [], [], [], [])
             group[0].append(weight)
             group[1].append(layer.buffers[layer.ukey])
             group[2].append(layer.buffers[layer.vkey])
-            group[3].append(layer.sn.dim)
+            group[3].append(sn.dim)
             group[4].append(layer)
-        for (_, _, training, (param_flavour, n_iter, eps)), (ws, us, vs, dims, layers) in groups.items():
+        for (_, _, training, param_flavour, n_iter, eps), (ws, us, vs, dims, layers) in groups.items():
             w_sn, sig = ops.spectral_norm(ws, us, vs, dims, param_flavour, n_iter, eps, training)
             sig = sig.detach()
             # Straight into the instance dicts: nn.Module.__setattr__ costs ~2 µs a call, per layer.
@@ -196,12 +215,10 @@ class BatchHandle:
     def _clear(self, module, args, output):
         if module is not self.model:
             return
-        self._depth -= 1
-        if self._depth == 0:
-            for layer in self.layers:
-                layer.sn.__dict__["_staged"] = None
-                if layer.plist is not None:
-                    layer.plist.__dict__["_staged"] = None
+        for layer in self.layers:
+            layer.sn.__dict__["_staged"] = None
+            if layer.plist is not None:
+                layer.plist.__dict__["_staged"] = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def remove(self) -> None:
@@ -220,7 +237,6 @@ class BatchHandle:
                 # legacy.SpectralNorm's weak reference: torch's class would try to pickle it.
                 layer.sn.__dict__.pop("_set_weight", None)
         self.layers = []
-        self._static_keys = []
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -323,8 +339,12 @@ def apply(
             done.append(module)
         return batch(model)
     except BaseException:
-        for module in done:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for module in done:  # only the spectral norm this call appended; the rest as it was
+            plist = module.parametrizations["weight"]
+            if len(plist) == 1:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            else:
+                del plist[-1]
         raise
 
 

@@ -396,3 +396,150 @@ def test_one_dimensional_weights_stay_per_layer():
     handle = sn_cuda.batch(root)
     assert len(handle) == 0
     torch.testing.assert_close(root(), nn.functional.normalize(model.parametrizations.vec.original, dim=0))
+
+
+# ------------------------------------------------ what torch users do to a batched model
+def train_twins(a, b, steps=2):
+    """GAN steps on torch's model ``a`` and the batched ``b``; the same numbers after each."""
+    oa, ob = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    for step in range(steps):
+        torch.manual_seed(200 + step)
+        la = gan_step(a, oa, "cpu", torch.float32)
+        torch.manual_seed(200 + step)
+        lb = gan_step(b, ob, "cpu", torch.float32)
+        assert torch.equal(la, lb), f"loss, step {step}"
+        assert_same_state(a, b)
+
+
+class _Interrupt(BaseException):
+    """Like KeyboardInterrupt: no Exception, so nn.Module skips the forward hooks."""
+
+
+@pytest.mark.parametrize("flavour", ["param", "legacy"])
+def test_interrupted_forward_leaves_nothing_stale(flavour):
+    # Ctrl-C in a notebook stops a forward midway; the next forwards must follow the weights.
+    a, b = twin_models(flavour)
+    # Raised by a forward hook of the root that runs before batch's own (which is skipped):
+    # every layer has run, in torch's model as in the batched one.
+    def interrupt(module, args, output):
+        raise _Interrupt
+
+    hooks = [m.register_forward_hook(interrupt) for m in (a, b)]
+    sn_cuda.batch(b)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    for m in (a, b):
+        with pytest.raises(_Interrupt):
+            m(x, y)
+    for h in hooks:
+        h.remove()
+    train_twins(a, b)
+    with torch.no_grad():  # a weight changed under no_grad shows in the next output
+        for m in (a, b):
+            m.eval()
+            (m.head.parametrizations.weight.original if flavour == "param" else m.head.weight_orig).mul_(-3)
+        assert torch.equal(a(x, y), b(x, y))
+
+
+def test_remove_spectral_norm_from_a_batched_layer():
+    a, b = twin_models("legacy")
+    sn_cuda.batch(b)
+    train_twins(a, b, steps=1)
+    for m in (a, b):
+        torch.nn.utils.remove_spectral_norm(m.head)
+    train_twins(a, b)  # the layer is plain now, the others still batched
+    assert "head" not in sn_cuda.sigmas(b)
+
+
+@pytest.mark.parametrize("flavour", ["param", "legacy"])
+def test_settings_changed_after_batching_are_used(flavour):
+    a, b = twin_models(flavour)
+    handle = sn_cuda.batch(b)
+    for m in (a, b):
+        for sn in _sn_objects(m):
+            sn.n_power_iterations, sn.eps = 3, 1e-3
+    train_twins(a, b)
+    handle.remove()
+
+
+def _sn_objects(model):
+    from sn_cuda.batch import spectral_norm_layers
+
+    return [layer.sn for layer in spectral_norm_layers(model)]
+
+
+def test_batch_of_a_layer_with_the_legacy_hook():
+    # The root itself carries the hook (registered before batch's): one iteration a forward.
+    torch.manual_seed(0)
+    a = torch.nn.utils.spectral_norm(nn.Linear(4, 3))
+    torch.manual_seed(0)
+    b = torch.nn.utils.spectral_norm(nn.Linear(4, 3))
+    sn_cuda.batch(b)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        assert torch.equal(a(x), b(x))
+        assert torch.equal(a.weight_u, b.weight_u)
+
+
+def test_parametrize_cached_computes_once_as_torch():
+    a, b = twin_models("param")
+    sn_cuda.batch(b)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    outs = []
+    for m in (a, b):
+        with parametrize.cached():  # two forwards, one W/σ per layer (and one iteration)
+            out = m(x, y) + m(x, y)
+        out.sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert_same_state(a, b)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad), name
+
+
+def test_apply_rollback_keeps_other_parametrizations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    torch.nn.utils.parametrizations.orthogonal(model[0])
+    before = model[0].weight.detach().clone()
+    # A weight spectral norm cannot take (integer): apply() fails on it, after model[0].
+    model[1].weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(Exception):
+        sn_cuda.apply(model)
+    assert [type(p).__name__ for p in model[0].parametrizations.weight] == ["_Orthogonal"]
+    assert torch.equal(model[0].weight, before)
+    assert not parametrize.is_parametrized(model[1])
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(4, 4), nn.Linear(4, 2), reentrant
+
+    def forward(self, x):
+        region = lambda t: torch.relu(self.a(t))  # noqa: E731
+        return self.b(torch.utils.checkpoint.checkpoint(region, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_region_inside_a_batched_model(reentrant):
+    # Documented in sn_cuda/batch.py: reentrant checkpointing gives torch's numbers; the
+    # non-reentrant kind of a region inside the model raises torch's CheckpointError.
+    models = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        m = _Checkpointed(reentrant)
+        for layer in (m.a, m.b):
+            torch.nn.utils.parametrizations.spectral_norm(layer)
+        if batched:
+            sn_cuda.batch(m)
+        models.append(m)
+    x = torch.randn(3, 4, requires_grad=True)
+    models[0](x).sum().backward()
+    if not reentrant:
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            models[1](x).sum().backward()
+        return
+    models[1](x).sum().backward()
+    for (name, pa), pb in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(pa.grad, pb.grad), name
+    assert_same_state(models[0], models[1])
