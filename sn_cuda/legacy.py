@@ -49,10 +49,11 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         staged = self._staged
         if staged is None:
             staged = self.compute_weight(module, do_power_iteration=module.training)
-        if type(module).__setattr__ is _module_setattr:
+        if type(module).__setattr__ is _module_setattr and self.name not in module._parameters:
             # What nn.Module.__setattr__ does with a tensor that is no parameter or buffer,
             # without its checks: ~2 µs a layer a forward (a module that overrides
-            # __setattr__ still gets its own).
+            # __setattr__ still gets its own; a parameter registered under the name since,
+            # torch's TypeError).
             module.__dict__[self.name] = staged
         else:
             setattr(module, self.name, staged)

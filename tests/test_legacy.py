@@ -181,3 +181,16 @@ def test_a_module_that_overrides_setattr_sees_the_weight_set():
     torch.testing.assert_close(recording(x), plain(x), rtol=0, atol=0)
     assert recording.seen and recording.seen[-1] is recording.weight
     assert "weight" not in plain._parameters and "weight" in plain.__dict__
+
+
+def test_a_parameter_registered_under_the_name_gets_torchs_error():
+    # The hook sets module.weight each forward; a Parameter put there since is torch's TypeError,
+    # not silently shadowed (it would get no gradient).
+    errors = []
+    for fn in (torch.nn.utils.spectral_norm, sn_cuda.legacy.spectral_norm):
+        m = fn(torch.nn.Linear(4, 3))
+        m.weight = torch.nn.Parameter(torch.zeros(3, 4))
+        with pytest.raises(TypeError) as info:
+            m(torch.randn(2, 4))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
