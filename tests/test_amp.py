@@ -22,7 +22,7 @@ from torch import nn
 
 import sn_cuda
 import sn_cuda.legacy
-from sn_cuda import reference
+from sn_cuda import ops, reference
 
 SN = {"legacy": sn_cuda.legacy.spectral_norm, "param": sn_cuda.spectral_norm}
 TORCH_SN = {
@@ -99,6 +99,21 @@ def test_no_autocast_turns_autocast_off_only_where_it_is_on():
 @pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
 @pytest.mark.parametrize("flavour", ["legacy", "param"])
 def test_autocast_leaves_sn_in_float32(flavour, batched, amp_dtype, device):
+    check_autocast_leaves_sn_in_float32(flavour, batched, amp_dtype, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
+@pytest.mark.parametrize("flavour", ["legacy", "param"])
+def test_autocast_on_the_reference_path_cuda(flavour, batched, amp_dtype, monkeypatch):
+    # CUDA autocast casts matvecs to half precision (CPU autocast does not, and the kernels
+    # ignore autocast): this is where the reference must run its own ops outside autocast.
+    monkeypatch.setattr(ops, "uses_kernels", lambda weight: False)
+    check_autocast_leaves_sn_in_float32(flavour, batched, amp_dtype, "cuda")
+
+
+def check_autocast_leaves_sn_in_float32(flavour, batched, amp_dtype, device):
     # Large constant weights: a float16 matvec of them overflows (σ ≈ 1.2e5).
     plain = spectral_normalized(base_model(3000.0, constant=True), SN[flavour], batched, device, torch.float32)
     amp = copy.deepcopy(plain)

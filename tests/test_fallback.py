@@ -140,3 +140,11 @@ def test_falls_back_to_the_reference_with_one_warning(case, runs):
     assert result["kernels_for_cuda"] in (None, False)
     assert result["cpu_same_as_torch"]
     assert result["cuda_same_as_torch"] in (None, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_falls_back_on_the_gpu(case, runs):
+    # Where there is a GPU: CUDA weights go to the reference, with torch's numbers.
+    assert runs[case]["kernels_for_cuda"] is False
+    assert runs[case]["cuda_same_as_torch"] is True

@@ -230,7 +230,8 @@ def run_and_check(
     # σ and the vectors σ used come from float32 arithmetic on exact inputs for float16/bfloat16
     # weights too: they are held to the accumulation dtype's bound, not the weight dtype's.
     acc_tol = TOL[acc]
-    assert_close(sigmas, sig_ref, acc_tol, "sigmas")
+    for i in range(len(layers)):  # each layer to its own size (a small σ next to a big one too)
+        assert_close(sigmas[i : i + 1], sig_ref[i : i + 1], acc_tol, f"sigma of layer {i} {tuple(shapes[i])}")
     uv_parts = list(zip(*_split_uv(uv, shapes, dims), *_split_uv(uv_ref, shapes, dims)))
     for i, (ku, kv, ru, rv) in enumerate(uv_parts):
         assert_close(ku, ru, acc_tol, f"uv: u of layer {i} {tuple(shapes[i])}")
@@ -252,6 +253,11 @@ def run_and_check(
         # Contiguous, as the fake kernel says (the CPU reference keeps a strided input's strides).
         assert out.dtype == dtype and out.shape == w.shape and (out.is_contiguous() or not out.is_cuda)
         assert_close(out, w / s64[i], tol, f"W/sigma of layer {i} {tuple(shapes[i])}")
+        # What the kernel must store: one IEEE division in the accumulation dtype by its own σ,
+        # rounded once to the weight dtype (to the nearest). Within one unit in the last place.
+        exact = (weights[i].to(acc) / sigmas[i]).to(dtype).double()
+        ulp = exact.abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+        assert ((out.double() - exact).abs() <= ulp).all(), f"W/sigma of layer {i}: more than 1 ulp off"
 
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     grads = [make_tensor(tuple(s), dtype, device, gen, layout) for s in shapes]

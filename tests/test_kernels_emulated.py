@@ -114,12 +114,22 @@ def test_thread_orders(emulated, dtype, mode, order):
         torch.ops.sn_cuda_emu.set_schedule(0, 0)
 
 
-def test_reruns_are_bit_identical(emulated):
-    runs = [check(emulated, LAYERS, mode=K.MODES[3], seed=3) for _ in range(2)]
-    for key, first in runs[0].items():
-        pairs = zip(first, runs[1][key]) if isinstance(first, list) else [(first, runs[1][key])]
-        for i, (a, b) in enumerate(pairs):
-            assert torch.equal(a, b), f"{key}[{i}] differs between two identical calls"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reruns_are_bit_identical(emulated, dtype):
+    # The same inputs under different thread and block orders (fiber order, reverse, random):
+    # the reductions' order must not depend on which block finishes first.
+    runs = []
+    for order in (0, 1, 2):
+        torch.ops.sn_cuda_emu.set_schedule(order, 99)
+        try:
+            runs.append(check(emulated, LAYERS, dtype, mode=K.MODES[3], seed=3))
+        finally:
+            torch.ops.sn_cuda_emu.set_schedule(0, 0)
+    for run in runs[1:]:
+        for key, first in runs[0].items():
+            pairs = zip(first, run[key]) if isinstance(first, list) else [(first, run[key])]
+            for i, (a, b) in enumerate(pairs):
+                assert torch.equal(a, b), f"{key}[{i}] differs between two schedules"
 
 
 def test_argument_errors_name_the_argument(emulated):
