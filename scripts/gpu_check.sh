@@ -99,7 +99,7 @@ else
 fi
 
 # 4. Every other CUDA test: the modules, batching, AMP, CUDA graphs, determinism, ...
-pytest_step "pytest cuda" 90 -m "cuda and not slow" --ignore=tests/test_kernels_cuda.py tests/
+pytest_step "pytest cuda" 150 -m "cuda and not slow" --ignore=tests/test_kernels_cuda.py tests/
 
 # 5. The quick benchmark, without torch.compile (its first calls alone take ~45 s).
 : > "$OUT/bench.log"
