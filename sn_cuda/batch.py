@@ -71,6 +71,9 @@ class _StagedParametrizations(ParametrizationList):
 
     _staged = None
 
+    def _get_name(self) -> str:
+        return "ParametrizationList"  # the repr of a batched model: the same as before batch()
+
     def __call__(self, *args, **kwargs):
         staged = self._staged
         if staged is not None and len(self._modules) == 1:

@@ -41,6 +41,9 @@ class SpectralNorm(_TorchSpectralNorm):
     _staged: Tensor | None = None
     _batch_owner = None
 
+    def _get_name(self) -> str:
+        return "_SpectralNorm"  # what the module's repr prints: torch's, as printed models compare
+
     def forward(self, weight: Tensor) -> Tensor:
         if self._staged is not None:
             return self._staged

@@ -540,3 +540,19 @@ def test_checkpointed_region_inside_a_batched_model(reentrant):
     for (name, pa), pb in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(pa.grad, pb.grad), name
     assert_same_state(models[0], models[1])
+
+
+def test_printed_model_is_torchs_before_and_after_batching():
+    # Printed models are compared (golden reprs, logs): sn_cuda's layers and a batched model
+    # print as torch's.
+    torch.manual_seed(0)
+    torch_model, ours = sn_layers(Disc(), "mixed"), Disc()
+    for m in ours.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            sn_cuda.spectral_norm(m)
+    expected = repr(sn_layers(Disc(), "param"))
+    assert repr(ours) == expected
+    before = repr(torch_model)
+    handle = sn_cuda.batch(torch_model)
+    assert repr(torch_model) == before
+    handle.remove()
