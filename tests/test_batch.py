@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 import sn_cuda
 from sn_cuda import ops
+from sn_cuda.batch import spectral_norm_layers
 
 
 class Block(nn.Module):
@@ -459,8 +460,6 @@ def test_settings_changed_after_batching_are_used(flavour):
 
 
 def _sn_objects(model):
-    from sn_cuda.batch import spectral_norm_layers
-
     return [layer.sn for layer in spectral_norm_layers(model)]
 
 
