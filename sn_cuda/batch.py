@@ -21,8 +21,14 @@ runs once per forward of the model — the two are the same; a layer that runs t
 forward of ``model`` iterates once here, twice in torch, and a layer that does not run in a
 forward (a head the forward did not pick) iterates here, not in torch. A layer called outside
 a forward of ``model`` computes its own weight, as without batching; so does a layer whose
-spectral norm was removed since, and, inside ``parametrize.cached()``, a weight already cached.
+spectral norm was removed since (one applied to it again is a new one, per layer until the
+model is batched again), and, inside ``parametrize.cached()``, a weight already cached.
 ``n_power_iterations`` and ``eps`` are read on every forward, as torch's layers read them.
+
+Copies: a deepcopy or pickle of the whole batched model is batched by its own copy of the
+handle. A copy of a submodule (``copy.deepcopy(gan.G)`` for an EMA generator, where ``gan``
+was batched) carries no handle and nothing of the rest of the root: it computes per layer, and
+can be batched on its own.
 
 Activation checkpointing: ``torch.utils.checkpoint`` of the whole model, and of any region
 with ``use_reentrant=True``, gives torch's numbers. With ``use_reentrant=False``, a region
@@ -46,6 +52,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import numbers
+import weakref
 from typing import Iterator
 
 import torch
@@ -56,7 +63,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from . import legacy, ops, parametrization
 
-__all__ = ["batch", "apply", "sigmas", "BatchHandle", "spectral_norm_layers"]
+__all__ = ["batch", "apply", "sigmas", "BatchHandle", "batch_owner", "spectral_norm_layers"]
 
 _TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
 try:
@@ -70,6 +77,7 @@ class _StagedParametrizations(ParametrizationList):
     norm is its only parametrization (a chain still runs, its spectral norm staged)."""
 
     _staged = None
+    __getstate__ = parametrization.state_without_staged
 
     def _get_name(self) -> str:
         return "ParametrizationList"  # the repr of a batched model: the same as before batch()
@@ -84,33 +92,44 @@ class _StagedParametrizations(ParametrizationList):
 class _Layer:
     """One spectral-normalized tensor: where its weight, u, v live and which object computes it."""
 
-    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "torch_class",
-                 "plist_class", "params", "wkey", "buffers", "ukey", "vkey", "mode", "cache_key")
+    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "tensor_name", "torch_class",
+                 "plist_class", "params", "wkey", "buffers", "ukey", "vkey", "mode",
+                 "registry", "registry_key", "registered")
 
-    def __init__(self, name, module, sn, param_flavour, plist=None, tensor_name=None):
+    def __init__(self, name, module, sn, param_flavour, plist=None, tensor_name=None, hook_id=None):
         self.name = name  # qualified name, "" for the root
         self.module = module  # the module that owns the weight
         self.sn = sn  # parametrization module or legacy hook
         self.param_flavour = param_flavour
         self.plist = plist  # ParametrizationList (parametrization flavour)
+        self.tensor_name = tensor_name  # its key in module.parametrizations
         self.torch_class = None  # class to restore on remove(), when torch's
         self.plist_class = None  # the ParametrizationList's class, to restore on remove()
         # Where the hot path finds weight, u and v: the modules' own dicts (they stay the
         # same objects through .to(), load_state_dict and optimizer steps), and the keys.
-        self.cache_key = None  # parametrize.cached()'s key for the weight (parametrization flavour)
+        # And where it can tell that the spectral norm is still the module's: removal takes
+        # ``registry[registry_key]`` away, and applying it again puts another object there.
         if param_flavour:
             self.params, self.wkey = plist._parameters, "original"
             self.buffers, self.ukey, self.vkey = sn._buffers, "_u", "_v"
             self.mode = sn  # train()/eval() reach the parametrization module
-            self.cache_key = (id(module), tensor_name)
+            self.registry, self.registry_key = module.parametrizations._modules, tensor_name
+            self.registered = plist
         else:
             self.params, self.wkey = module._parameters, sn.name + "_orig"
             self.buffers, self.ukey, self.vkey = module._buffers, sn.name + "_u", sn.name + "_v"
             self.mode = module  # the hook iterates when its module is training
+            self.registry, self.registry_key = module._forward_pre_hooks, hook_id
+            self.registered = sn
 
     def tensors(self):
         """(weight, u, v) of this layer, by direct dict access."""
         return self.params[self.wkey], self.buffers[self.ukey], self.buffers[self.vkey]
+
+    def removed(self) -> bool:
+        """Whether this layer's spectral norm was removed since it was found (torch's
+        ``remove_spectral_norm``, or ``remove_parametrizations``)."""
+        return self.registry.get(self.registry_key) is not self.registered
 
 
 def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
@@ -121,9 +140,9 @@ def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
                 for p in plist:
                     if isinstance(p, _TorchParamSN):
                         yield _Layer(_join(name, tensor_name), module, p, True, plist, tensor_name)
-        for hook in module._forward_pre_hooks.values():
+        for hook_id, hook in module._forward_pre_hooks.items():
             if isinstance(hook, _TorchHookSN):
-                yield _Layer(_join(name, hook.name), module, hook, False)
+                yield _Layer(_join(name, hook.name), module, hook, False, hook_id=hook_id)
 
 
 def _join(module_name: str, tensor_name: str) -> str:
@@ -143,13 +162,27 @@ def _batchable(layer: _Layer) -> bool:
     return not layer.param_flavour or (layer.plist.is_tensor and layer.plist[0] is layer.sn)
 
 
+# Which handle batches a layer: its spectral-norm object -> a weak reference to the handle.
+# Kept here, not on the object, so that a copy or pickle of a submodule of a batched model
+# does not carry the handle along (and through it the whole root model, D with G): such a copy
+# computes per layer and can be batched on its own. A copy of the whole root copies its
+# handle (the root's hooks hold it), which registers the copied layers (__setstate__).
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def batch_owner(sn) -> "BatchHandle | None":
+    """The live handle that batches the spectral-norm object ``sn``, if any."""
+    ref = _owners.get(sn)
+    return None if ref is None else ref()
+
+
 class BatchHandle:
     """Returned by ``sn_cuda.batch``. ``.remove()`` restores per-layer spectral norm."""
 
     def __init__(self, model: nn.Module):
         layers = [l for l in spectral_norm_layers(model) if _batchable(l)]
         for layer in layers:
-            if getattr(layer.sn, "_batch_owner", None) is not None:
+            if batch_owner(layer.sn) is not None:
                 raise ValueError(
                     f"batch(model): layer '{layer.name}' is already batched by another "
                     "sn_cuda.batch handle; call .remove() on that handle first"
@@ -160,12 +193,12 @@ class BatchHandle:
             if not isinstance(layer.sn, target):
                 layer.torch_class = type(layer.sn)
                 layer.sn.__class__ = target
-            layer.sn._batch_owner = self
             if layer.param_flavour and not isinstance(layer.plist, _StagedParametrizations):
                 layer.plist_class = type(layer.plist)
                 layer.plist.__class__ = _StagedParametrizations
         self.model = model
         self.layers = layers
+        self._own()
         # First of the root's pre-hooks: a legacy spectral norm on the root itself (registered
         # before) then finds its weight staged instead of iterating on its own as well.
         self._pre = model.register_forward_pre_hook(self._stage, prepend=True)
@@ -183,12 +216,14 @@ class BatchHandle:
         cache = parametrize._cache if parametrize._cache_enabled else None
         groups: dict = {}
         for layer in self.layers:
-            weight = layer.params.get(layer.wkey)
-            if weight is None or isinstance(weight, _DTensor):
-                # Spectral norm removed since (remove_spectral_norm), or a weight sharded by
-                # FSDP2 (whole only inside its own module's forward): per layer, as torch.
+            if layer.registry.get(layer.registry_key) is not layer.registered:
+                continue  # removed since: layer.removed(), inline (per layer per forward)
+            weight = layer.params[layer.wkey]
+            if isinstance(weight, _DTensor):
+                # A weight sharded by FSDP2 (whole only inside its own module's forward): per
+                # layer, as torch.
                 continue
-            if cache is not None and layer.cache_key in cache:
+            if cache is not None and (id(layer.module), layer.tensor_name) in cache:
                 continue  # inside parametrize.cached(), computed once already, as torch does
             sn = layer.sn
             # n_power_iterations and eps read each time, as torch's layers do.
@@ -224,6 +259,17 @@ class BatchHandle:
                 layer.plist.__dict__["_staged"] = None
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _own(self) -> None:
+        ref = weakref.ref(self)
+        for layer in self.layers:
+            _owners[layer.sn] = ref
+
+    def __setstate__(self, state) -> None:
+        # A copy (deepcopy, or pickle and load) of the whole batched root: its layers are the
+        # copy's, batched by this copy of the handle.
+        self.__dict__.update(state)
+        self._own()
+
     def remove(self) -> None:
         """Per-layer spectral norm again; torch's layers get torch's classes back."""
         self._pre.remove()
@@ -232,7 +278,7 @@ class BatchHandle:
             layer.sn.__dict__.pop("_staged", None)
             if layer.plist is not None:
                 layer.plist.__dict__.pop("_staged", None)
-            layer.sn._batch_owner = None
+            _owners.pop(layer.sn, None)
             if layer.plist_class is not None:
                 layer.plist.__class__ = layer.plist_class
             if layer.torch_class is not None:

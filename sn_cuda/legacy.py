@@ -41,7 +41,6 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     last_sigma: tuple[Tensor, int] | None = None
     # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
     _staged: Tensor | None = None
-    _batch_owner = None
     # A weak reference to the W/σ this hook last set as ``module.<name>``, for __deepcopy__.
     _set_weight: weakref.ref | None = None
 
@@ -72,15 +71,16 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             memo.setdefault(id(memo), []).append(weight)  # alive (its id unique) meanwhile
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        for key, value in self.__dict__.items():
-            if key != "_set_weight":  # a weakref to the original's tensor: not carried over
-                setattr(copied, key, copy.deepcopy(value, memo))
+        for key, value in self.__getstate__().items():
+            setattr(copied, key, copy.deepcopy(value, memo))
         return copied
 
     def __getstate__(self):
-        # Pickling: the weak reference is not picklable, and means nothing in another process.
+        # Not carried over: the weak reference to the original's tensor (not picklable, and
+        # meaningless in a copy), and W/σ staged by a batched forward in progress.
         state = self.__dict__.copy()
         state.pop("_set_weight", None)
+        state.pop("_staged", None)
         return state
 
     def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:

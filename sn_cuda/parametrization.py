@@ -2,8 +2,9 @@
 
 The parametrization subclasses torch's own ``_SpectralNorm``, so everything a user or a
 checkpoint can see is torch's: the ``parametrizations.weight.original`` and
-``parametrizations.weight.0._u / _v`` keys, the 15-step initialisation (and the extra step of
-``register_parametrization``'s check in training mode), the errors, ``right_inverse`` and
+``parametrizations.weight.0._u / _v`` keys, the 15-step initialisation (in float32 for
+float16/bfloat16 weights) and the extra step of ``register_parametrization``'s check in
+training mode, the errors, ``right_inverse`` and
 removal with ``torch.nn.utils.parametrize.remove_parametrizations``. Only ``forward``
 changes: it calls ``sn_cuda.ops.spectral_norm`` (the fused kernels on CUDA, the pure-torch
 reference elsewhere, which performs torch's exact op sequence).
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
-from . import ops
+from . import ops, reference
 
 __all__ = ["SpectralNorm", "spectral_norm", "TRANSPOSED_CONVS", "default_dim"]
 
@@ -26,6 +27,15 @@ TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn
 
 def default_dim(module: torch.nn.Module) -> int:
     return 1 if isinstance(module, TRANSPOSED_CONVS) else 0
+
+
+def state_without_staged(self) -> dict:
+    """``__getstate__`` of the objects ``sn_cuda.batch`` stages W/σ on: a copy taken during a
+    batched forward (from a forward hook) leaves out that W/σ, a non-leaf that deepcopy refuses
+    and that belongs to the original's forward."""
+    state = self.__dict__.copy()
+    state.pop("_staged", None)
+    return state
 
 
 class SpectralNorm(_TorchSpectralNorm):
@@ -39,10 +49,21 @@ class SpectralNorm(_TorchSpectralNorm):
     last_sigma: tuple[Tensor, int] | None = None
     # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
     _staged: Tensor | None = None
-    _batch_owner = None
 
     def _get_name(self) -> str:
         return "_SpectralNorm"  # what the module's repr prints: torch's, as printed models compare
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: Tensor, n_power_iterations: int) -> None:
+        # torch's __init__ runs its 15 steps here in the weight's dtype: a float16 weight whose
+        # W v overflows (or underflows, pytorch#61954) leaves u, v NaN for good. The reference
+        # runs torch's own ops for float32/float64, float32 arithmetic for float16/bfloat16.
+        with reference.no_autocast(weight_mat.device):
+            reference.power_iteration(
+                weight_mat, self._u, self._v, True, n_power_iterations, self.eps
+            )
+
+    __getstate__ = state_without_staged
 
     def forward(self, weight: Tensor) -> Tensor:
         if self._staged is not None:

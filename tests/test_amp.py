@@ -199,3 +199,21 @@ def test_float16_where_half_arithmetic_overflows(flavour, batched, device):
     assert sn_cuda.sigmas(ours)["0"] > 65504  # σ itself does not fit in float16
     out.float().sum().backward()
     assert torch.isfinite(originals(ours, flavour)[0].grad).all()
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "param"])
+def test_registered_on_a_float16_model(flavour, device):
+    # A model built in half, or given spectral norm after .half(): torch's parametrization runs
+    # its 15 initial steps in float16, where ‖W v‖ > 65504 leaves u, v NaN for good. sn_cuda's
+    # run in float32: the vectors are those of torch's float32 model on the same rounded weights.
+    ours = base_model(3000.0, constant=True).to(device, torch.float16)
+    ref = copy.deepcopy(ours).float()
+    for model, sn_fn in ((ours, SN[flavour]), (ref, TORCH_SN[flavour])):
+        torch.manual_seed(1)  # the same draws (float16's are float32's, rounded)
+        for i in (0, 2):
+            sn_fn(model[i])
+    for i, (a, r) in enumerate(zip(vectors(ours, flavour), vectors(ref, flavour))):
+        assert a.dtype == torch.float16
+        assert_near(a, r, 2e-3, f"vector {i} after registration")
+    x = torch.randn(4, 48, device=device)
+    assert_near(ours(x.half()), ref(x), 4e-3, "output")

@@ -438,13 +438,32 @@ def test_interrupted_forward_leaves_nothing_stale(flavour):
         assert torch.equal(a(x, y), b(x, y))
 
 
-def test_remove_spectral_norm_from_a_batched_layer():
-    a, b = twin_models("legacy")
+@pytest.mark.parametrize("reapplied", [False, True], ids=["removed", "removed_and_reapplied"])
+@pytest.mark.parametrize("flavour", ["param", "legacy"])
+def test_spectral_norm_removed_from_a_batched_layer(flavour, reapplied, monkeypatch):
+    # The handle leaves such a layer alone from then on: no work for it, and a spectral norm
+    # applied again is a new one, computed per layer (not iterated twice a forward).
+    a, b = twin_models(flavour)
     sn_cuda.batch(b)
     train_twins(a, b, steps=1)
     for m in (a, b):
-        torch.nn.utils.remove_spectral_norm(m.head)
-    train_twins(a, b)  # the layer is plain now, the others still batched
+        if flavour == "legacy":
+            torch.nn.utils.remove_spectral_norm(m.head)
+        else:
+            parametrize.remove_parametrizations(m.head, "weight")
+        if reapplied:
+            torch.manual_seed(5)
+            sn_layers(m.head, flavour)
+    batched_shapes = []
+    real = ops.spectral_norm
+
+    def recording(weights, *args, **kwargs):
+        batched_shapes.extend(tuple(w.shape) for w in weights)
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "spectral_norm", recording)  # torch's layers do not call it
+    train_twins(a, b)  # the others still batched
+    assert batched_shapes and (1, 4) not in batched_shapes  # head's weight: (1, 4)
     assert "head" not in sn_cuda.sigmas(b)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 import sn_cuda
 import sn_cuda.legacy
-from sn_cuda.batch import spectral_norm_layers
+from sn_cuda.batch import batch_owner, spectral_norm_layers
 
 TorchHook = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
 
@@ -103,9 +103,10 @@ def test_ema_copy_is_independent(flavour, batched):
     if batched:
         # The copy carries its own batch handle: removing the original's leaves it batched.
         handle.remove()
-        owners = [layer.sn._batch_owner for layer in spectral_norm_layers(ema)]
-        assert len(owners) == 3 and all(o is not None and o is not handle for o in owners)
-        assert all(layer.sn._batch_owner is None for layer in spectral_norm_layers(model))
+        owners = {batch_owner(layer.sn) for layer in spectral_norm_layers(ema)}
+        assert len(owners) == 1 and None not in owners and handle not in owners
+        assert owners.pop().model is ema
+        assert all(batch_owner(layer.sn) is None for layer in spectral_norm_layers(model))
         assert set(sn_cuda.sigmas(ema)) == {"0", "2", "4"}
 
 
@@ -175,7 +176,10 @@ def test_pickle_legacy_flavour(roundtrip, batched):
     # The loaded module trains (a backward reaches weight_orig) and can be unwrapped.
     loaded(x).sum().backward()
     assert loaded[0].weight_orig.grad is not None
-    if not batched:
+    if batched:  # batched by the loaded copy of the handle
+        owners = {batch_owner(layer.sn) for layer in spectral_norm_layers(loaded)}
+        assert len(owners) == 1 and owners.pop().model is loaded
+    else:
         sn_cuda.legacy.remove_spectral_norm(loaded[0])
         assert isinstance(loaded[0].weight, nn.Parameter)
 
@@ -203,3 +207,60 @@ def test_torch_hooks_pickle_after_batch_is_removed():
     assert_state_equal(loaded, model)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model(x))
+
+
+class GAN(nn.Module):
+    """G and D under one root, batched as one: the EMA generator is a copy of G alone."""
+
+    def __init__(self, flavour):
+        super().__init__()
+        self.G, _ = make_model(flavour, False)
+        self.D = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))
+        for i in (0, 2):
+            SN[flavour](self.D[i])
+        self.log = lambda *args: None  # what a training wrapper may hold: not picklable
+
+    def forward(self, x):
+        return self.D(self.G(x))
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "param"])
+def test_copy_of_a_submodule_of_a_batched_model(flavour):
+    gan = GAN(flavour)
+    handle = sn_cuda.batch(gan)
+    gan(torch.randn(2, 3, 8, 8)).sum().backward()
+    memo = {}
+    g_ema = copy.deepcopy(gan.G, memo)
+    # Nothing of the root or of D was copied (the handle holds them; the layers do not).
+    assert not {id(gan), id(gan.D), id(handle)} & set(memo)
+    # The copy is not batched: it computes per layer, as G would alone, and can be batched.
+    assert all(batch_owner(layer.sn) is None for layer in spectral_norm_layers(g_ema))
+    x = torch.randn(2, 3, 8, 8)
+    handle.remove()
+    assert_state_equal(g_ema, gan.G)
+    assert torch.equal(g_ema(x), gan.G(x))
+    sn_cuda.batch(g_ema)
+    assert torch.equal(g_ema(x), gan.G(x))
+    assert_state_equal(g_ema, gan.G)
+    if flavour == "legacy":  # and it pickles without the root (whose lambda would not)
+        sn_cuda.batch(gan)
+        loaded = pickle.loads(pickle.dumps(gan.G))
+        assert_state_equal(loaded, gan.G)
+
+
+@pytest.mark.parametrize("flavour", ["legacy", "param"])
+def test_deepcopy_from_a_forward_hook_of_a_batched_model(flavour):
+    # A snapshot taken while the root's forward runs (a hook registered before batch()'s):
+    # W/σ staged for that forward is not copied; the copy is batched by a handle of its own.
+    model, _ = make_model(flavour, False)
+    copies = []
+    model.register_forward_hook(lambda module, args, out: copies.append(copy.deepcopy(module)))
+    sn_cuda.batch(model)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    snapshot = copies[0]
+    assert_state_equal(snapshot, model)
+    owners = {batch_owner(layer.sn) for layer in spectral_norm_layers(snapshot)}
+    assert len(owners) == 1 and owners.pop().model is snapshot
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(snapshot(x), model(x))
+    assert_state_equal(snapshot, model)
