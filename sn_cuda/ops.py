@@ -112,12 +112,88 @@ normalize_backward_op = torch.ops.sn_cuda.normalize_backward.default
 spectral_norm_op = torch.ops.sn_cuda.spectral_norm.default
 
 
+# ------------------------------------------------------------------ argument checks
+def check_layers(op: str, weights, us, vs, dims) -> None:
+    """The CUDA kernels' checks of a layer list (csrc/cuda/host_utils.h), with their messages:
+    the same bad call fails the same way on every path (RuntimeError, as from TORCH_CHECK),
+    where the reference would truncate lists, resize a wrong-sized u in place, or fail deep in
+    a reshape."""
+    n = len(weights)
+    if n == 0:
+        raise RuntimeError(f"{op}: weights must hold at least one tensor")
+    for name, seq in (("us", us), ("vs", vs)):
+        if len(seq) != n:
+            raise RuntimeError(f"{op}: {name} has {len(seq)} tensors but weights has {n}")
+    if len(dims) != n:
+        raise RuntimeError(f"{op}: dims has {len(dims)} entries but weights has {n}")
+    device, dtype = weights[0].device, weights[0].dtype
+    for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
+        for name, t in (("weights", w), ("us", u), ("vs", v)):
+            if t.device != device:
+                raise RuntimeError(
+                    f"{op}: all tensors must be on one device, but {name}[{i}] is on {t.device} "
+                    f"and the first weight on {device}"
+                )
+            if t.dtype != dtype:
+                raise RuntimeError(
+                    f"{op}: all tensors must share one dtype, but {name}[{i}] is "
+                    f"{_TYPE_NAMES.get(t.dtype, t.dtype)} and the first weight "
+                    f"{_TYPE_NAMES.get(dtype, dtype)}"
+                )
+        if w.ndim < 1:
+            raise RuntimeError(f"{op}: weights[{i}] must have at least one dimension")
+        if isinstance(d, float):
+            continue  # torch's flavours take dim=0.0 (and fail on 1.0): the reference, as they do
+        if not -w.ndim <= d < w.ndim:
+            raise RuntimeError(
+                f"{op}: dims[{i}] = {d} is out of range for weights[{i}] with {w.ndim} dimensions"
+            )
+        rows, cols = _rows_cols(w.shape, d)
+        wrapped = d % w.ndim
+        if u.ndim != 1 or u.numel() != rows:
+            raise RuntimeError(
+                f"{op}: us[{i}] must be a vector of {rows} elements (weights[{i}].shape[{wrapped}]), "
+                f"got shape {list(u.shape)}"
+            )
+        if v.ndim != 1 or v.numel() != cols:
+            raise RuntimeError(
+                f"{op}: vs[{i}] must be a vector of {cols} elements (weights[{i}].numel() / "
+                f"shape[{wrapped}]), got shape {list(v.shape)}"
+            )
+
+
+def _check_acc_vector(op: str, t: Tensor, name: str, n: int, device, acc) -> None:
+    """A 1-D vector of ``n`` accumulator values (sigmas, grad_sigmas, uv), as the kernels check."""
+    if t.device != device:
+        raise RuntimeError(f"{op}: {name} must be on {device}, got {t.device}")
+    if t.dtype != acc:
+        raise RuntimeError(f"{op}: {name} must be {_TYPE_NAMES[acc]}, got {_TYPE_NAMES.get(t.dtype, t.dtype)}")
+    if t.ndim != 1 or t.numel() != n:
+        raise RuntimeError(f"{op}: {name} must be a vector of {n} elements, got shape {list(t.shape)}")
+
+
+def _check_normalize_inputs(op: str, weights, sigmas, uv, dims, name: str = "weights") -> None:
+    if len(weights) == 0:
+        raise RuntimeError(f"{op}: {name} must hold at least one tensor")
+    if len(dims) != len(weights):
+        raise RuntimeError(f"{op}: dims has {len(dims)} entries but {name} has {len(weights)}")
+    device, acc = weights[0].device, _acc_dtype(weights[0].dtype)
+    _check_acc_vector(op, sigmas, "sigmas", len(weights), device, acc)
+    _check_acc_vector(op, uv, "uv", _uv_numel(weights, dims), device, acc)
+
+
+# c10's names of the dtypes, which the kernels' messages print.
+_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
 # ---------------------------------------------- reference implementations (every device)
 # Registered as CompositeExplicitAutograd: the default for any device; the extension's CUDA
 # kernels take precedence for CUDA tensors.
 def _power_iteration_reference(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
-    if not weights:
-        raise ValueError("sn_cuda::power_iteration: weights must hold at least one tensor")
+    check_layers("sn_cuda::power_iteration", weights, us, vs, dims)
     acc = _acc_dtype(weights[0].dtype)
     sigmas, snapshot = [], []
     with reference.no_autocast(weights[0].device):
@@ -133,6 +209,7 @@ def _power_iteration_reference(weights, us, vs, dims, u_first, n_power_iteration
 
 
 def _normalize_reference(weights, sigmas, uv, dims):
+    _check_normalize_inputs("sn_cuda::normalize", weights, sigmas, uv, dims)
     # In the accumulation dtype, rounded once (a no-op cast for float32/float64 weights).
     # Contiguous outputs whatever the weights' strides, like the kernels (and the fake kernel).
     w_sn = [
@@ -142,6 +219,17 @@ def _normalize_reference(weights, sigmas, uv, dims):
 
 
 def _normalize_backward_reference(grads, grad_sigmas, w_sn, sigmas, uv, dims):
+    op = "sn_cuda::normalize_backward"
+    _check_normalize_inputs(op, w_sn, sigmas, uv, dims, "w_sn")
+    if len(grads) != len(w_sn):
+        raise RuntimeError(f"{op}: grads has {len(grads)} tensors but w_sn has {len(w_sn)}")
+    for i, (g, w) in enumerate(zip(grads, w_sn)):
+        if g.shape != w.shape:
+            raise RuntimeError(
+                f"{op}: grads[{i}] has shape {list(g.shape)} but w_sn[{i}] has shape {list(w.shape)}"
+            )
+    if grad_sigmas is not None:
+        _check_acc_vector(op, grad_sigmas, "grad_sigmas", len(w_sn), sigmas.device, sigmas.dtype)
     us, vs = _split_uv(uv, [w.shape for w in w_sn], dims)
     if grad_sigmas is None:
         grad_sigmas = torch.zeros_like(sigmas)
@@ -240,7 +328,8 @@ def spectral_norm(
         # cannot differentiate normalize's autograd, a C++ torch::autograd::Function, and
         # under torch.jit.trace, whose graph then runs (and exports) without sn_cuda.
         kernel_path = (
-            uses_kernels(weights[0]) and _functorch_interpreter() is None and not _jit_tracing()
+            len(weights) > 0  # none: check_layers says so below
+            and uses_kernels(weights[0]) and _functorch_interpreter() is None and not _jit_tracing()
         )
     if kernel_path:
         weights, dims = list(weights), list(dims)
@@ -261,6 +350,8 @@ def spectral_norm(
         # normalize's autograd is compiled code: without it, W/σ from the snapshot in torch ops.
         us, vs = _split_uv(uv, [w.shape for w in weights], dims)
         training = False  # the snapshot holds the vectors σ uses: no further iteration
+    elif not compiling:
+        check_layers("sn_cuda.ops.spectral_norm", weights, us, vs, dims)
     w_sn, sigmas = reference.spectral_norm(
         weights, us, vs, dims, u_first, n_power_iterations, eps, training
     )

@@ -468,10 +468,9 @@ def test_vectors_sharing_memory_are_refused():
     check_vectors_sharing_memory(OPS, "cuda")
 
 
-@pytest.mark.cuda
-@cuda
-def test_argument_errors_name_the_argument():
-    weights, us, vs, dims = make_layers([((4, 3), 0), ((5, 2), 0)], torch.float32, "cuda")
+def check_argument_errors(ops, device, other_device):
+    """Each bad argument refused with a message that names it (kernels and reference alike)."""
+    weights, us, vs, dims = make_layers([((4, 3), 0), ((5, 2), 0)], torch.float32, device)
     cases = [
         ((weights, us[:1], vs, dims), "us has 1 tensors"),
         ((weights, us, vs, [0]), "dims has 1 entries"),
@@ -479,21 +478,40 @@ def test_argument_errors_name_the_argument():
         ((weights, [us[0], us[0]], vs, dims), "us[1] must be a vector of 5 elements"),
         ((weights, us, [vs[1], vs[1]], dims), "vs[0] must be a vector of 3 elements"),
         ((weights, [us[0], us[1].double()], vs, dims), "us[1] is Double"),
-        ((weights, [us[0], us[1].cpu()], vs, dims), "us[1] is on cpu"),
         (([weights[0], weights[1].half()], us, vs, dims), "weights[1] is Half"),
     ]
+    if other_device is not None:  # (a meta tensor would send the call to the fake kernel)
+        cases.append(((weights, [us[0], us[1].to(other_device)], vs, dims), f"us[1] is on {other_device}"))
     for (ws, u, v, d), message in cases:
+        before = [t.clone() for t in us + vs]
         with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            OPS.power_iteration(ws, u, v, d, True, 1, EPS, True)
-    sigmas, uv = OPS.power_iteration(weights, us, vs, dims, True, 1, EPS, True)
+            ops.power_iteration(ws, u, v, d, True, 1, EPS, True)
+        assert all(torch.equal(t, old) for t, old in zip(us + vs, before)), message
+    sigmas, uv = ops.power_iteration(weights, us, vs, dims, True, 1, EPS, True)
     with pytest.raises(RuntimeError, match="sigmas must be a vector of 2 elements"):
-        OPS.normalize(weights, sigmas[:1], uv, dims)
+        ops.normalize(weights, sigmas[:1], uv, dims)
     with pytest.raises(RuntimeError, match="uv must be a vector of 14 elements"):
-        OPS.normalize(weights, sigmas, uv[:-1], dims)
+        ops.normalize(weights, sigmas, uv[:-1], dims)
+    with pytest.raises(RuntimeError, match="grads has 1 tensors but w_sn has 2"):
+        ops.normalize_backward(weights[:1], None, weights, sigmas, uv, dims)
     with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
-        OPS.normalize_backward([weights[0], weights[0]], None, weights, sigmas, uv, dims)
+        ops.normalize_backward([weights[0], weights[0]], None, weights, sigmas, uv, dims)
     with pytest.raises(RuntimeError, match="grad_sigmas must be Float"):
-        OPS.normalize_backward(weights, sigmas.double(), weights, sigmas, uv, dims)
+        ops.normalize_backward(weights, sigmas.double(), weights, sigmas, uv, dims)
+
+
+@pytest.mark.cuda
+@cuda
+def test_argument_errors_name_the_argument():
+    check_argument_errors(OPS, "cuda", "cpu")
+
+
+def test_argument_errors_of_the_reference():
+    # The default (any device) implementations check what the kernels check, as they word it.
+    check_argument_errors(OPS, "cpu", None)
+    # With no tensor to dispatch on, every device's call ends here.
+    with pytest.raises(RuntimeError, match="weights must hold at least one tensor"):
+        OPS.power_iteration([], [], [], [], True, 1, EPS, True)
 
 
 # ------------------------------------------------------------ the modules on the kernels

@@ -253,9 +253,26 @@ def test_power_iteration_with_inference_tensors(training, device):
                 power_iteration(weights, us, vs, dims, True, 1, 1e-12, True)
 
 
-def test_power_iteration_needs_a_layer():
-    with pytest.raises(ValueError, match="at least one tensor"):
-        power_iteration([], [], [], [], True, 1, 1e-12, True)
+def test_spectral_norm_refuses_what_the_kernels_refuse():
+    # On the reference path too (the op's own cases: test_kernels_cuda.check_argument_errors),
+    # where zip() would drop a layer and F.normalize(out=) resize a wrong-sized u in place.
+    w = [torch.randn(4, 3), torch.randn(5, 2)]
+    u = [torch.randn(4), torch.randn(5)]
+    v = [torch.randn(3), torch.randn(2)]
+    cases = [
+        (([], [], [], []), "weights must hold at least one tensor"),
+        ((w, u[:1], v, [0, 0]), "us has 1 tensors but weights has 2"),
+        ((w, u, v, [0]), "dims has 1 entries but weights has 2"),
+        ((w, u, v, [0, -3]), r"dims\[1\] = -3 is out of range"),
+        ((w, [u[0], u[0]], v, [0, 0]), r"us\[1\] must be a vector of 5 elements"),
+        ((w, u, v, [1, 0]), r"us\[0\] must be a vector of 3 elements"),
+        ((w, [u[0], u[1].to("meta")], v, [0, 0]), r"us\[1\] is on meta"),
+    ]
+    for (ws, us, vs, dims), message in cases:
+        before = [t.clone() for t in u + v]
+        with pytest.raises(RuntimeError, match=message):
+            ops.spectral_norm(ws, us, vs, dims, True, 1, 1e-12, True)
+        assert all(torch.equal(t, b) for t, b in zip(u + v, before)), message
 
 
 # ----------------------------------------------------------------------- composed path
