@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-import numbers
 import weakref
 from typing import Iterator
 
@@ -62,10 +61,15 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParamSN
 from torch.nn.utils.parametrize import ParametrizationList
 
 from . import legacy, ops, parametrization
+from ._checks import check_module, check_power_iteration_settings
+from .conv_norm import ConvSpectralNorm
 
-__all__ = ["batch", "apply", "sigmas", "BatchHandle", "batch_owner", "spectral_norm_layers"]
+__all__ = [
+    "batch", "apply", "sigmas", "BatchHandle", "batch_owner", "spectral_norm_layers", "weight_source",
+]
 
 _TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
+_SN_PARAMETRIZATIONS = (_TorchParamSN, ConvSpectralNorm)
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -294,6 +298,22 @@ class BatchHandle:
         return f"BatchHandle({len(self.layers)} layers of {type(self.model).__name__})"
 
 
+def weight_source(module: nn.Module) -> str:
+    """Where ``module``'s raw weight is: ``"original"`` when ``module.weight`` is parametrized
+    by a spectral norm (torch's, sn_cuda's, or ``conv_spectral_norm``),
+    ``"weight_orig"`` under a legacy spectral-norm hook, ``"weight"`` otherwise (under no
+    spectral norm, possibly under another parametrization). Direct dict reads: called for every
+    layer on every ``SpectralPenalty`` call."""
+    plists = module._modules.get("parametrizations")
+    plist = None if plists is None else plists._modules.get("weight")
+    if plist is not None:
+        return "original" if any(isinstance(p, _SN_PARAMETRIZATIONS) for p in plist) else "weight"
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _TorchHookSN) and hook.name == "weight":
+            return "weight_orig"
+    return "weight"
+
+
 def batch(model: nn.Module) -> BatchHandle:
     """Compute every spectral-normalized layer under ``model`` in one fused call per forward.
 
@@ -303,8 +323,7 @@ def batch(model: nn.Module) -> BatchHandle:
     ``model`` — equal to torch when each layer runs once per forward (see the module docs for
     the difference when a layer runs twice in one forward).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"batch(model): expected an nn.Module, got {type(model).__name__}")
+    check_module("batch(model)", model)
     return BatchHandle(model)
 
 
@@ -322,7 +341,10 @@ def module_filter(spec, argname: str, caller: str):
     ``caller`` and ``argname`` name the argument in the error for anything else."""
     if spec is None:
         return None
-    items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    try:
+        items = [spec] if isinstance(spec, (str, type)) else list(spec)
+    except TypeError:  # not iterable: a module instance, a number
+        items = [spec]
     for item in items:
         if not isinstance(item, (str, type)):
             raise TypeError(
@@ -353,21 +375,16 @@ def apply(
     of those. Modules whose weight is already spectral-normalized are left as they are. All
     arguments and modules are checked before any module is changed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply(model): expected an nn.Module, got {type(model).__name__}")
-    # torch's registration would reject these only deep inside (range(), clamp_min()).
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral):
-        raise TypeError(
-            f"apply(): n_power_iterations must be an int, got {type(n_power_iterations).__name__}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"apply(): eps must be a float, got {type(eps).__name__}")
+    check_module("apply(model)", model)
+    check_power_iteration_settings("apply()", n_power_iterations, eps)
     included = module_filter(DEFAULT_TYPES if include is None else include, "include", "apply()")
     excluded = module_filter(exclude, "exclude", "apply()")
     already = {id(l.module) for l in spectral_norm_layers(model)}
     chosen = []
     for name, module in model.named_modules():
-        if id(module) in already or not included(name, module):
+        if id(module) in already or weight_source(module) != "weight":
+            continue  # spectral norm already (also conv_spectral_norm's)
+        if not included(name, module):
             continue
         if excluded is not None and excluded(name, module):
             continue

@@ -21,6 +21,7 @@ Zero padding only: reflect, replicate and circular padding are rejected.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -29,10 +30,25 @@ from torch import Tensor
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from ._checks import check_power_iteration_settings
+
 __all__ = ["ConvSpectralNorm", "conv_spectral_norm"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _spatial_shape(input_shape, spatial: int) -> tuple[int, ...] | None:
+    """``input_shape`` as a tuple of ``spatial`` positive ints (numpy's too), or None."""
+    try:
+        items = list(input_shape)
+    except TypeError:  # a bare int, None
+        return None
+    if len(items) != spatial or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in items
+    ):
+        return None
+    return tuple(int(s) for s in items)
 
 
 class ConvSpectralNorm(torch.nn.Module):
@@ -65,22 +81,18 @@ class ConvSpectralNorm(torch.nn.Module):
                 "conv_spectral_norm needs an initialized weight: run a dummy forward through "
                 "the lazy module first"
             )
-        if n_power_iterations <= 0:
-            raise ValueError(
-                "Expected n_power_iterations to be positive, but "
-                f"got n_power_iterations={n_power_iterations}"
-            )
+        check_power_iteration_settings("conv_spectral_norm", n_power_iterations, eps)
         if module.padding_mode != "zeros":
             raise ValueError(
                 "conv_spectral_norm supports padding_mode='zeros' only, "
                 f"got padding_mode={module.padding_mode!r}"
             )
         spatial = len(module.kernel_size)
-        shape = tuple(input_shape)
-        if len(shape) != spatial or not all(isinstance(s, int) and s > 0 for s in shape):
+        shape = _spatial_shape(input_shape, spatial)
+        if shape is None:
             raise ValueError(
                 f"input_shape must hold {spatial} positive ints (the spatial size of one input of "
-                f"{type(module).__name__}), got {tuple(input_shape)!r}"
+                f"{type(module).__name__}), got {input_shape!r}"
             )
 
         self.transposed = bool(module.transposed)

@@ -85,6 +85,10 @@ class SpectralNorm(_torch_sn.SpectralNorm):
 
     def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:
         weight = getattr(module, self.name + "_orig")
+        if weight.is_complex():
+            # torch's own: its σ = dot(u, W v), unconjugated, differs from the parametrization
+            # flavour's vdot that sn_cuda's ops compute.
+            return super().compute_weight(module, do_power_iteration)
         u = getattr(module, self.name + "_u")
         v = getattr(module, self.name + "_v")
         w_sn, sigmas = ops.spectral_norm(

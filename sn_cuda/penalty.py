@@ -24,13 +24,10 @@ from typing import Iterable, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
 from . import ops, reference
-from .batch import DEFAULT_TYPES, module_filter
-from .conv_norm import ConvSpectralNorm
-from .legacy import _torch_sn
+from ._checks import check_module, check_power_iteration_settings
+from .batch import DEFAULT_TYPES, module_filter, weight_source
 from .parametrization import default_dim
 
 __all__ = ["SpectralPenalty"]
@@ -38,34 +35,21 @@ __all__ = ["SpectralPenalty"]
 Selector = Union[str, type, Iterable[Union[str, type]], None]
 
 
-def _weight_source(module: nn.Module) -> str:
-    """Which tensor of ``module`` is penalized: "original" (parametrized by a spectral norm),
-    "weight_orig" (torch's legacy spectral-norm hook) or "weight" (anything else)."""
-    if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations.weight
-        if any(isinstance(p, (_TorchSpectralNorm, ConvSpectralNorm)) for p in plist):
-            return "original"
-        return "weight"
-    legacy = any(
-        isinstance(hook, _torch_sn.SpectralNorm) and hook.name == "weight"
-        for hook in module._forward_pre_hooks.values()
-    )
-    return "weight_orig" if legacy else "weight"
-
-
 class _Layer(NamedTuple):
     name: str  # qualified name in the model
     module: nn.Module
-    source: str  # which tensor of the module: see _weight_source
     dim: int  # the matrix view's row dim (1 for ConvTranspose)
     holder: nn.Module  # the submodule of SpectralPenalty.vectors holding weight_u, weight_v
 
-    def weight(self) -> Tensor:
-        return _fetch_weight(self.module, self.source)
+    def weight(self) -> Tensor | None:
+        return _fetch_weight(self.module)
 
 
-def _fetch_weight(module: nn.Module, source: str) -> Tensor | None:
-    # Fetched at every call: moving or reloading the model may replace the tensors.
+def _fetch_weight(module: nn.Module) -> Tensor | None:
+    """The tensor penalized: the raw weight under a spectral norm, else ``module.weight``.
+    Looked up at every call: moving or reloading the model may replace the tensors, and a
+    spectral norm added to a layer after the penalty was made is seen."""
+    source = weight_source(module)
     if source == "original":
         return module.parametrizations.weight.original
     return getattr(module, source, None)
@@ -103,11 +87,8 @@ class SpectralPenalty(nn.Module):
         exclude: Selector = None,
     ) -> None:
         super().__init__()
-        if n_power_iterations <= 0:
-            raise ValueError(
-                "Expected n_power_iterations to be positive, but "
-                f"got n_power_iterations={n_power_iterations}"
-            )
+        check_module("SpectralPenalty(model)", model)
+        check_power_iteration_settings("SpectralPenalty", n_power_iterations, eps)
         included = module_filter(DEFAULT_TYPES if include is None else include, "include", "SpectralPenalty")
         excluded = module_filter(exclude, "exclude", "SpectralPenalty")
         # Kept out of nn.Module.__setattr__: as a child, the model's parameters would join
@@ -120,8 +101,7 @@ class SpectralPenalty(nn.Module):
         for name, module in model.named_modules():
             if not included(name, module) or (excluded is not None and excluded(name, module)):
                 continue
-            source = _weight_source(module)
-            weight = _fetch_weight(module, source)
+            weight = _fetch_weight(module)
             if isinstance(weight, nn.parameter.UninitializedParameter):
                 raise ValueError(
                     f"SpectralPenalty: layer '{name}' has an uninitialized weight (a lazy module); "
@@ -129,12 +109,17 @@ class SpectralPenalty(nn.Module):
                 )
             if not isinstance(weight, Tensor) or weight.ndim < 2:
                 continue  # e.g. a norm layer matched by a name pattern
+            if not weight.is_floating_point():
+                raise TypeError(
+                    f"SpectralPenalty: layer '{name}' has a {weight.dtype} weight; the penalty takes "
+                    "real floating-point weights (exclude the layer)"
+                )
             dim = default_dim(module)
             u, v = self._initial_vectors(weight.detach(), dim)
             holder = self._holder(name)
             holder.register_buffer("weight_u", u)
             holder.register_buffer("weight_v", v)
-            self._layers.append(_Layer(name, module, source, dim, holder))
+            self._layers.append(_Layer(name, module, dim, holder))
         if not self._layers:
             raise ValueError(
                 "SpectralPenalty: no weight of 2 or more dims selected in "

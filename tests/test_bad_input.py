@@ -365,3 +365,40 @@ def test_apply_passes_torchs_value_error_for_a_non_positive_count():
     expected = raised(torch.nn.utils.parametrizations.spectral_norm, nn.Linear(4, 4), n_power_iterations=0)
     assert raised(sn_cuda.apply, model, n_power_iterations=0) == expected
     assert_unchanged(model[0], before)
+
+
+def _conv():
+    return nn.Conv2d(2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: sn_cuda.batch("D"), TypeError, r"batch\(model\): expected an nn.Module, got str"),
+        (lambda: sn_cuda.apply(nn.Linear(2, 2), exclude=3), TypeError, "exclude must hold module types"),
+        (lambda: sn_cuda.apply(nn.Linear(2, 2), include=nn.Linear(2, 2)), TypeError, "include must hold module types"),
+        (lambda: sn_cuda.SpectralPenalty("D"), TypeError, r"SpectralPenalty\(model\): expected an nn.Module"),
+        (lambda: sn_cuda.SpectralPenalty(nn.Linear(2, 2), exclude=3), TypeError, "exclude must hold module types"),
+        (lambda: sn_cuda.SpectralPenalty(nn.Linear(2, 2), n_power_iterations=None), TypeError, "n_power_iterations must be an int"),
+        (lambda: sn_cuda.SpectralPenalty(nn.Linear(2, 2), n_power_iterations=1.5), TypeError, "n_power_iterations must be an int"),
+        (lambda: sn_cuda.SpectralPenalty(nn.Linear(2, 2), eps=None), TypeError, "eps must be a float"),
+        (lambda: sn_cuda.SpectralPenalty(nn.Linear(2, 2).to(torch.complex64)), TypeError, "real floating-point weights"),
+        (lambda: sn_cuda.conv_spectral_norm(_conv(), None), ValueError, "input_shape must hold 2 positive ints"),
+        (lambda: sn_cuda.conv_spectral_norm(_conv(), 8), ValueError, "input_shape must hold 2 positive ints"),
+        (lambda: sn_cuda.conv_spectral_norm(_conv(), (True, True)), ValueError, "input_shape must hold 2 positive ints"),
+        (lambda: sn_cuda.conv_spectral_norm(_conv(), (5, 5), n_power_iterations=None), TypeError, "n_power_iterations must be an int"),
+        (lambda: sn_cuda.conv_spectral_norm(_conv(), (5, 5), eps="0"), TypeError, "eps must be a float"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else "",
+)
+def test_sn_cudas_own_entry_points_name_the_argument(call, error, message):
+    # What sn_cuda adds to torch's API checks its arguments up front, naming them.
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_conv_spectral_norm_takes_numpy_ints():
+    import numpy as np
+
+    module = sn_cuda.conv_spectral_norm(_conv(), tuple(np.array([5, 6])))
+    assert module.parametrizations.weight[0].input_shape == (5, 6)

@@ -296,9 +296,12 @@ def test_apply_leaves_existing_spectral_norms_alone():
     torch.manual_seed(0)
     model = Disc()
     torch.nn.utils.spectral_norm(model.head)
+    sn_cuda.conv_spectral_norm(model.b1.c2, (8, 8))
     sn_cuda.apply(model)
     assert not parametrize.is_parametrized(model.head)  # keeps its legacy hook
     assert parametrize.is_parametrized(model.b1.c1)
+    # The operator norm of the convolution is a spectral norm too: not divided twice.
+    assert [type(p).__name__ for p in model.b1.c2.parametrizations.weight] == ["ConvSpectralNorm"]
 
 
 def test_apply_bad_arguments_change_nothing():

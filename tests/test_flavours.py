@@ -52,6 +52,18 @@ def test_parity_when_eps_matters(flavour, layers, make_twins):
     twins.step([twins.input()], training=True)
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_parity_complex_weights(flavour, layers, make_twins, dtype):
+    # torch's own code computes them (σ differs between torch's flavours: vdot, and the hook
+    # flavour's unconjugated dot).
+    for name in ("linear", "conv2d_groups"):
+        twins = make_twins(flavour, layers[name], dtype=dtype)
+        twins.assert_state_same("after registration")
+        twins.step([twins.input(), twins.input()], training=True)
+        twins.step([twins.input()], training=False)
+
+
 def test_parity_fp64(flavour, layers, make_twins):
     twins = make_twins(flavour, layers["conv3d_groups"], dtype=torch.float64)
     twins.step([twins.input(), twins.input()], training=True)

@@ -2,8 +2,8 @@
 
 What torch's own suite checks for the parametrization flavour only (registration,
 initialisation, u-then-v updates, the weight gradient, removal, right_inverse, dims, errors),
-here checked on sn_cuda, and parity with torch where only this flavour goes (complex weights,
-parametrize.cached, negative dims). What both flavours must do alike (parity with torch over
+here checked on sn_cuda, and parity with torch where only this flavour goes
+(parametrize.cached, negative dims). What both flavours must do alike (parity with torch over
 train/eval sequences on every layer kind of conftest.LAYERS, updates in place and only in
 training, gradcheck, ...) is in test_flavours.py.
 """
@@ -29,16 +29,6 @@ def _x(*shape, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------- parity with torch
-@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
-def test_parity_complex_weights(param_flavour, layers, make_twins, dtype):
-    for name in ("linear", "conv2d_groups"):
-        twins = make_twins(param_flavour, layers[name], dtype=dtype)
-        twins.assert_state_same("after registration")
-        twins.step([twins.input(), twins.input()], training=True)
-        twins.step([twins.input()], training=False)
-
-
 def test_parity_under_cached(param_flavour, layers, make_twins):
     # Inside parametrize.cached() the weight is computed (and u, v iterated) once.
     twins = make_twins(param_flavour, layers["linear"]).train()

@@ -221,3 +221,20 @@ def test_kernels_match_the_reference_path():
     for (name, p), q in zip(cpu_model.named_parameters(), cuda_model.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_spectral_norm_added_after_the_penalty_is_seen():
+    # The penalized tensor is looked up at every call: once the layer gets spectral norm, its
+    # raw weight (σ(W/σ) ≈ 1 would penalize nothing), and the layer's own u, v stay untouched.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 6)).double()
+    penalty = sn_cuda.SpectralPenalty(model, n_power_iterations=200)
+    sn_cuda.spectral_norm(model[0])
+    sn_cuda.legacy.spectral_norm(model[1])
+    vectors = [model[0].parametrizations.weight[0]._u.clone(), model[1].weight_u.clone()]
+    penalty()
+    raw = [model[0].parametrizations.weight.original, model[1].weight_orig]
+    for i, weight in enumerate(raw):
+        assert penalty.sigmas()[str(i)] == pytest.approx(exact_sigma(weight, 0), rel=1e-9)
+    assert torch.equal(model[0].parametrizations.weight[0]._u, vectors[0])
+    assert torch.equal(model[1].weight_u, vectors[1])
