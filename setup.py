@@ -11,6 +11,7 @@ The extension needs no GPU to compile: CI builds it on CPU-only machines.
 
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
@@ -77,7 +78,23 @@ def _extensions():
         },
         py_limited_api=False,
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _stamping(cpp_extension.BuildExtension.with_options(use_ninja=True))}
+
+
+def _stamping(build_ext):
+    """``build_ext`` that writes, next to the built module, the fingerprint of the op schemas it
+    was built for (sn_cuda/schemas.py): sn_cuda loads only a module whose stamp matches."""
+    spec = runpy.run_path(os.path.join(ROOT, "sn_cuda", "schemas.py"))
+
+    class BuildAndStamp(build_ext):
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                stamp = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), spec["STAMP"])
+                with open(stamp, "w") as f:
+                    f.write(spec["fingerprint"]() + "\n")
+
+    return BuildAndStamp
 
 
 ext_modules, cmdclass = _extensions()

@@ -83,11 +83,19 @@ struct Normalize : public torch::autograd::Function<Normalize> {
     const variable_list w_sn(saved.begin() + 2, saved.begin() + 2 + n);
     const std::vector<c10::SymInt> dims = ctx->saved_data["dims"].toSymIntVector();
 
-    variable_list grads(grad_outputs.begin(), grad_outputs.begin() + n);
-    for (size_t i = 0; i < n; ++i) {
-      if (!grads[i].defined()) grads[i] = at::zeros_like(w_sn[i]);
-    }
     const at::Tensor& grad_sigmas = grad_outputs[n];
+    variable_list grads(grad_outputs.begin(), grad_outputs.begin() + n);
+    // A layer whose W/σ reached no loss (a head this forward did not use), σ getting none
+    // either, gets no gradient, as from torch's per-layer ops: not a zero tensor, which an
+    // optimizer's momentum and weight decay, and DDP's unused-parameter detection, would take
+    // for one. The fused call still gets zeros for it (one call for the group).
+    std::vector<bool> no_gradient(n, false);
+    for (size_t i = 0; i < n; ++i) {
+      if (!grads[i].defined()) {
+        no_gradient[i] = !grad_sigmas.defined();
+        grads[i] = at::zeros_like(w_sn[i]);
+      }
+    }
 
     variable_list result;
     if (at::GradMode::is_enabled()) {
@@ -98,6 +106,9 @@ struct Normalize : public torch::autograd::Function<Normalize> {
       std::optional<at::Tensor> grad_sigmas_opt;
       if (grad_sigmas.defined()) grad_sigmas_opt = grad_sigmas;
       result = normalize_backward_op().call(grads, grad_sigmas_opt, w_sn, sigmas, uv, dims);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (no_gradient[i]) result[i] = at::Tensor();
     }
     result.resize(n + 3);  // undefined: no gradient for sigmas, uv, dims
     return result;

@@ -10,10 +10,14 @@ A build that is merely absent warns only where it costs something: with a CUDA b
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 import torch
+
+from . import schemas
 
 # Set SN_CUDA_DISABLE=1 to ignore a built extension (the reference path everywhere).
 _DISABLE_ENV = "SN_CUDA_DISABLE"
@@ -33,11 +37,48 @@ class Backend(str):
         return f"Backend({str(self)!r}, reason={self.reason!r})"
 
 
+def disabled(value: str) -> bool:
+    """Whether ``SN_CUDA_DISABLE=value`` turns the kernels off: 1/true/yes/on do, 0/false/no/off
+    and nothing do not; anything else does not either, with a warning (it would otherwise turn
+    the kernels off silently, as ``SN_CUDA_DISABLE=false`` once did)."""
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        warnings.warn(
+            f"sn_cuda: {_DISABLE_ENV}={value!r} is not understood (1 or 0): ignored",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _stale(spec) -> str | None:
+    """Why the found module must not be loaded (built from other op schemas), or None."""
+    if spec.origin is None:
+        return None
+    stamp = Path(spec.origin).with_name(schemas.STAMP)
+    built_for = stamp.read_text().strip() if stamp.is_file() else None
+    if built_for == schemas.fingerprint():
+        return None
+    return (
+        f"the compiled extension {Path(spec.origin).name} was built from another version of "
+        f"sn_cuda (its op schemas differ{'' if built_for else ', or it has no ' + schemas.STAMP}); "
+        "reinstall sn_cuda to rebuild it"
+    )
+
+
 def _load() -> tuple[bool, str]:
     """Import the compiled module; return (loaded, why) without raising."""
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
+    if disabled(os.environ.get(_DISABLE_ENV, "")):
         return False, f"{_DISABLE_ENV} is set: the compiled extension is ignored"
     try:
+        spec = importlib.util.find_spec("sn_cuda._C")
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'sn_cuda._C'", name="sn_cuda._C")
+        stale = _stale(spec)
+        if stale:
+            return False, stale
         importlib.import_module("sn_cuda._C")
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "sn_cuda._C":

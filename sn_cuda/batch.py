@@ -24,6 +24,15 @@ a forward of ``model`` computes its own weight, as without batching; so does a l
 spectral norm was removed since (one applied to it again is a new one, per layer until the
 model is batched again), and, inside ``parametrize.cached()``, a weight already cached.
 ``n_power_iterations`` and ``eps`` are read on every forward, as torch's layers read them.
+The layers are those under ``model`` when ``batch()`` runs: one added later computes per
+layer, and one replaced or deleted (``model.head = new_head``) is still computed by the fused
+call, and kept alive, until ``.remove()``. After changing which layers a model holds, remove
+the handle and batch again.
+
+Gradients: a batched layer that a forward does not use (a head it did not pick) gets no
+gradient, as in torch, except under torch.compile, where it gets a zero one: the root's
+pre-hook is traced as a graph of its own, whose unused outputs AOTAutograd gives zero
+gradients (an optimizer with momentum or weight decay then moves that layer).
 
 Copies: a deepcopy or pickle of the whole batched model is batched by its own copy of the
 handle. A copy of a submodule (``copy.deepcopy(gan.G)`` for an EMA generator, where ``gan``
@@ -42,7 +51,9 @@ parametrization chains where spectral norm is not the first parametrization. Nor
 of ``nn.DataParallel``: they share the root's hooks but not its layers, and each runs in its own
 thread, so the hook leaves them to compute their own weights, as torch does (batching the
 model it was given from every replica thread would update its u, v once per replica).
-``DistributedDataParallel`` keeps one model per process and is batched as usual. Nor layers
+``DistributedDataParallel`` keeps one model per process and is batched as usual;
+``batch(ddp_model)`` batches the module it wraps, whose forward runs after DDP has broadcast
+rank 0's buffers (u, v), as the layers' own would. Nor layers
 whose weight is sharded when the root's forward starts (FSDP2's ``fully_shard``: a DTensor,
 gathered only in its own module's forward): each computes its own weight there, as torch does.
 """
@@ -56,6 +67,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParamSN
 from torch.nn.utils.parametrize import ParametrizationList
@@ -200,6 +212,11 @@ class BatchHandle:
             if layer.param_flavour and not isinstance(layer.plist, _StagedParametrizations):
                 layer.plist_class = type(layer.plist)
                 layer.plist.__class__ = _StagedParametrizations
+        for layer in layers:
+            # An instance attribute where the class's was read: a model compiled before batch()
+            # fails torch.compile's guards on it and is traced again, now batched (sn_cuda's own
+            # hooks change class in no other way that a guard would see).
+            layer.sn.__dict__["_staged"] = None
         self.model = model
         self.layers = layers
         self._own()
@@ -241,6 +258,7 @@ class BatchHandle:
             group[2].append(layer.buffers[layer.vkey])
             group[3].append(sn.dim)
             group[4].append(layer)
+        record = not ops.in_functorch_transform()  # as ops.record_sigma, asked once
         for (_, _, training, param_flavour, n_iter, eps), (ws, us, vs, dims, layers) in groups.items():
             w_sn, sig = ops.spectral_norm(ws, us, vs, dims, param_flavour, n_iter, eps, training)
             sig = sig.detach()
@@ -250,7 +268,8 @@ class BatchHandle:
             for i, (layer, w) in enumerate(zip(layers, w_sn)):
                 state = layer.sn.__dict__
                 state["_staged"] = w
-                state["last_sigma"] = (sig, i)
+                if record:
+                    state["last_sigma"] = (sig, i)
                 if layer.plist is not None:
                     layer.plist.__dict__["_staged"] = w
 
@@ -324,6 +343,10 @@ def batch(model: nn.Module) -> BatchHandle:
     the difference when a layer runs twice in one forward).
     """
     check_module("batch(model)", model)
+    if isinstance(model, DistributedDataParallel):
+        # Its forward broadcasts rank 0's buffers (u, v) and then runs its module: the layers
+        # are staged in the module's forward, after the broadcast, not before it.
+        model = model.module
     return BatchHandle(model)
 
 

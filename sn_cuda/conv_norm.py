@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from . import ops
 from ._checks import check_power_iteration_settings
 
 __all__ = ["ConvSpectralNorm", "conv_spectral_norm"]
@@ -209,7 +210,7 @@ class ConvSpectralNorm(torch.nn.Module):
         # graph of this one (two discriminator calls, one backward), as in torch's SN.
         u = self._u.clone(memory_format=torch.contiguous_format)
         sigma = torch.linalg.vector_norm(self._apply_map(u.unsqueeze(0), weight))
-        self.last_sigma = (sigma.detach().reshape(1), 0)
+        ops.record_sigma(self, sigma.reshape(1), 0)
         return weight / sigma
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
             [weight], [u], [v], [self.dim], False, self.n_power_iterations, self.eps,
             do_power_iteration,
         )
-        self.last_sigma = (sigmas.detach(), 0)
+        ops.record_sigma(self, sigmas, 0)
         return w_sn[0]
 
     @staticmethod

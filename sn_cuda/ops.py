@@ -54,8 +54,9 @@ import torch
 from torch import Tensor
 
 from . import _extension, reference
+from .schemas import SCHEMAS
 
-__all__ = ["spectral_norm", "uses_kernels"]
+__all__ = ["spectral_norm", "uses_kernels", "in_functorch_transform", "record_sigma"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -92,17 +93,8 @@ def _uv_numel(weights: Sequence[Tensor], dims: Sequence[int]) -> int:
 # a generic autograd.Function) add host time on every call that grows with the layer count
 # (bench/RESULTS.md: a step's boundary cost went from 363 to 273 µs at 11 layers, 1328 to
 # 995 µs at 64, kernels excluded). Here each dispatch key does only what these ops need. The
-# schemas are the contract with csrc/ (TORCH_LIBRARY_IMPL(sn_cuda, CUDA)).
+# schemas (sn_cuda/schemas.py) are the contract with csrc/ (TORCH_LIBRARY_IMPL(sn_cuda, CUDA)).
 # (tests/test_kernels_emulated.py defines the same schemas in a test-only namespace.)
-SCHEMAS = (
-    "power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, "
-    "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor, Tensor)",
-    "normalize(Tensor[] weights, Tensor sigmas, Tensor uv, SymInt[] dims) -> (Tensor[], Tensor)",
-    "normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas, "
-    "Tensor uv, SymInt[] dims) -> Tensor[]",
-    "spectral_norm(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, "
-    "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)",
-)
 _lib = torch.library.Library("sn_cuda", "FRAGMENT")
 for _schema in SCHEMAS:
     _lib.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
@@ -286,7 +278,23 @@ def _has_kernel(op: str, key: str) -> bool:
 if not _has_kernel("power_iteration", "ADInplaceOrView"):
     _lib.impl("power_iteration", _power_iteration_inplace, "ADInplaceOrView", with_keyset=True)
 _NORMALIZE_HAS_AUTOGRAD = _has_kernel("normalize", "Autograd")
-_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
+_peek_functorch = torch._C._functorch.peek_interpreter_stack
+_FunctorchInterpreter = torch._C._functorch.CInterpreter
+
+
+def in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running, eager or
+    traced by torch.compile. (isinstance, not ``is None``: dynamo, torch 2.14, takes the None
+    that peek_interpreter_stack returns outside transforms for an object.)"""
+    return isinstance(_peek_functorch(), _FunctorchInterpreter)
+
+
+def record_sigma(owner, sigmas: Tensor, index: int) -> None:
+    """``owner.last_sigma = (σ's, index)``, what ``sn_cuda.sigmas`` reads; not inside a
+    torch.func transform, whose tensors are wrappers that mean nothing outside it (and that
+    torch.compile cannot return from a transform it traces as module state)."""
+    if not in_functorch_transform():
+        owner.__dict__["last_sigma"] = (sigmas.detach(), index)
 _jit_tracing = torch._C._is_tracing
 
 
@@ -322,14 +330,17 @@ def spectral_norm(
         # flavour's order; torch's own hook flavour has the same problem, torch 2.14). The op
         # keeps the update opaque to it. An eval call updates nothing: plain torch ops, which
         # inductor fuses and every exporter (ONNX, AOTInductor) knows without sn_cuda.
-        kernel_path = training and weights[0].dtype in _KERNEL_DTYPES
+        # Inside a traced torch.func transform, the reference, as in eager (below).
+        kernel_path = (
+            training and weights[0].dtype in _KERNEL_DTYPES and not in_functorch_transform()
+        )
     else:
         # The reference serves inside a torch.func transform (grad, vjp, jacrev, vmap), which
         # cannot differentiate normalize's autograd, a C++ torch::autograd::Function, and
         # under torch.jit.trace, whose graph then runs (and exports) without sn_cuda.
         kernel_path = (
             len(weights) > 0  # none: check_layers says so below
-            and uses_kernels(weights[0]) and _functorch_interpreter() is None and not _jit_tracing()
+            and uses_kernels(weights[0]) and not in_functorch_transform() and not _jit_tracing()
         )
     if kernel_path:
         weights, dims = list(weights), list(dims)

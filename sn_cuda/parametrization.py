@@ -78,7 +78,7 @@ class SpectralNorm(_TorchSpectralNorm):
             [weight], [buffers["_u"]], [buffers["_v"]], [self.dim], True,
             self.n_power_iterations, self.eps, self.training,
         )
-        self.__dict__["last_sigma"] = (sigmas.detach(), 0)
+        ops.record_sigma(self, sigmas, 0)
         return w_sn[0]
 
 

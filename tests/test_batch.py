@@ -577,3 +577,37 @@ def test_printed_model_is_torchs_before_and_after_batching():
     handle = sn_cuda.batch(torch_model)
     assert repr(torch_model) == before
     handle.remove()
+
+
+class TwoHeads(nn.Module):
+    """A body and two heads, one picked per forward (a conditional or multi-task model)."""
+
+    def __init__(self, sn_fn):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head_a, self.head_b = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+        for m in (self.body, self.head_a, self.head_b):
+            sn_fn(m)
+
+    def forward(self, x, use_a=True):
+        h = torch.relu(self.body(x))
+        return self.head_a(h) if use_a else self.head_b(h)
+
+
+@pytest.mark.parametrize("path", ["reference", "ops"])
+@pytest.mark.parametrize("flavour", ["param", "legacy"])
+def test_a_layer_the_forward_does_not_use_gets_no_gradient(flavour, path, monkeypatch):
+    # As with torch's per-layer ops: None, not zeros, which Adam's momentum, weight decay and
+    # DDP's find_unused_parameters would take for a gradient. "ops": the fused ops and their
+    # C++ autograd, as CUDA tensors take them (here with the reference kernels).
+    if path == "ops":
+        if not sn_cuda._extension.LOADED:
+            pytest.skip("needs the compiled extension (the ops' C++ autograd)")
+        monkeypatch.setattr(ops, "uses_kernels", lambda weight: True)
+    sn_fn = sn_cuda.spectral_norm if flavour == "param" else sn_cuda.legacy.spectral_norm
+    key = "parametrizations.weight.original" if flavour == "param" else "weight_orig"
+    model = TwoHeads(sn_fn)
+    sn_cuda.batch(model)
+    model(torch.randn(3, 4)).sum().backward()
+    assert model.head_a.get_parameter(key).grad is not None
+    assert model.head_b.get_parameter(key).grad is None

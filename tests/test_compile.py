@@ -134,6 +134,22 @@ def test_fullgraph_training_steps_match_eager_cuda(flavour, batched):
     run_compile_check(flavour, batched, "cuda", "inductor", dict(rtol=1e-4, atol=1e-5))
 
 
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_batch_after_compile_is_traced_again(flavour):
+    # A model compiled (and run) before batch() must not keep running its per-layer graph.
+    torch._dynamo.reset()
+    model = build(flavour, False, "cpu")
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(model, backend=counter, fullgraph=True)
+    net(torch.randn(2, 3, 8, 8))
+    sn_cuda.batch(model)
+    net(torch.randn(2, 3, 8, 8))
+    assert counter.frame_count >= 2, "batch() after compile did not retrace"
+    calls = [n for n in sn_cuda_calls(counter.graphs[-1].graph) if "power_iteration" in str(n.target)]
+    groups = 2 if flavour == "torch_mixed" else 1  # one fused call per flavour
+    assert len(calls) == groups
+
+
 def sn_cuda_calls(graph: torch.fx.Graph) -> list:
     """The sn_cuda ops a graph calls (at its top level)."""
     return [n for n in graph.nodes if "sn_cuda" in str(n.target)]

@@ -85,6 +85,21 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t.clone()
 
 
+def load_vectors_on_rank_0(model: nn.Module) -> None:
+    """What rank 0 alone loading a checkpoint leaves: u, v of its own (seeded), relying on
+    DDP to broadcast them to the other ranks."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.copy_(nn.functional.normalize(torch.randn(buffer.shape, generator=gen), dim=0))
+
+
+def batch_of_ddp(model: nn.Module) -> nn.Module:
+    net = DDP(model)
+    sn_cuda.batch(net)
+    return net
+
+
 def fsdp(model: nn.Module) -> nn.Module:
     for i in SN_LAYERS:
         fully_shard(model[i])
@@ -102,6 +117,13 @@ def _worker(rank, init_file, out_dir, data):
         for config in FSDP_CONFIGS:
             mine = [x[rank * PER_RANK : (rank + 1) * PER_RANK] for x in data]
             results[f"fsdp_{config}"] = train(build(config), mine, wrap=fsdp)
+        # batch() given the DDP wrapper, with u, v loaded on rank 0 only: the layers must use
+        # the vectors DDP broadcasts.
+        model = build("param")
+        net = batch_of_ddp(model)
+        if rank == 0:  # after DDP's own broadcast at construction
+            load_vectors_on_rank_0(model)
+        results["batch_of_ddp"] = train(model, mine, wrap=lambda _: net)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -130,6 +152,24 @@ def test_ddp_matches_one_process_on_the_whole_batch(config, ddp_results):
             assert torch.equal(b0[key], b1[key]), f"{key} differs across ranks at step {step}"
             torch.testing.assert_close(b0[key], b_ref[key], rtol=1e-5, atol=1e-6, msg=f"{key}, step {step}")
         assert list(g0) == list(g_ref)
+        for key in g0:
+            assert torch.equal(g0[key], g1[key]), f"grad of {key} differs across ranks"
+            torch.testing.assert_close(g0[key], g_ref[key], rtol=1e-4, atol=1e-6, msg=f"grad of {key}, step {step}")
+
+
+def test_batch_of_the_ddp_wrapper_uses_the_broadcast_vectors(ddp_results):
+    # DDP's forward broadcasts rank 0's buffers, then runs its module: batch(ddp) stages the
+    # layers there, so rank 1 computes with rank 0's u, v, as a single process would.
+    data, ranks = ddp_results
+    model = build("param")
+    load_vectors_on_rank_0(model)
+    single = train(model, data)
+    for step in range(STEPS):
+        (g0, b0), (g1, b1) = ranks[0]["batch_of_ddp"][step], ranks[1]["batch_of_ddp"][step]
+        g_ref, b_ref = single[step]
+        for key in b0:
+            assert torch.equal(b0[key], b1[key]), f"{key} differs across ranks at step {step}"
+            torch.testing.assert_close(b0[key], b_ref[key], rtol=1e-5, atol=1e-6, msg=f"{key}, step {step}")
         for key in g0:
             assert torch.equal(g0[key], g1[key]), f"grad of {key} differs across ranks"
             torch.testing.assert_close(g0[key], g_ref[key], rtol=1e-4, atol=1e-6, msg=f"grad of {key}, step {step}")

@@ -24,7 +24,7 @@ REGISTRATIONS = [(op, "CUDA", f"{op}.cu") for op in OPS] + [
 ]
 REQUIRED = os.environ.get("SN_CUDA_REQUIRE_EXTENSION", "") not in ("", "0")
 BUILT = importlib.util.find_spec("sn_cuda._C") is not None
-DISABLED = os.environ.get("SN_CUDA_DISABLE", "") not in ("", "0")
+DISABLED = _extension.disabled(os.environ.get("SN_CUDA_DISABLE", ""))
 
 
 def _need_loaded_extension():
@@ -65,3 +65,23 @@ def test_backend_reports_the_extension():
         assert backend == "cuda", backend.reason
     else:
         assert backend == "torch" and "no CUDA device" in backend.reason
+
+
+def test_disable_variable_values():
+    for value in ("1", "true", "Yes", " on "):
+        assert _extension.disabled(value), value
+    for value in ("", "0", "false", "No", "off"):
+        assert not _extension.disabled(value), value
+    with pytest.warns(RuntimeWarning, match="SN_CUDA_DISABLE='maybe' is not understood"):
+        assert not _extension.disabled("maybe")
+
+
+def test_the_build_is_stamped_with_the_schemas():
+    # setup.py writes the fingerprint of the op schemas next to the module it builds.
+    if not BUILT:
+        pytest.skip("the compiled extension is not built")
+    from sn_cuda import schemas
+
+    origin = importlib.util.find_spec("sn_cuda._C").origin
+    stamp = os.path.join(os.path.dirname(origin), schemas.STAMP)
+    assert open(stamp).read().strip() == schemas.fingerprint()

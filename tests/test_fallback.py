@@ -7,11 +7,15 @@ loading logic, to keep to one torch import). sn_cuda must then import, warn once
 (RuntimeWarning), say why through ``sn_cuda.backend()``, and compute on the reference path —
 the same numbers as torch's own spectral norm, on the CPU and, where there is one, on the GPU.
 
+A module built from other op schemas than this sn_cuda's (an in-place build left behind by a
+``git pull``) is not loaded at all: its stamp (``_C.schemas``) says so.
+
 A merely absent extension warns only where something is lost: with a CUDA build of torch.
 A CPU-only torch has no CUDA tensors to be slow on, and ``SN_CUDA_DISABLE=1`` is a choice:
 neither warns.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,6 +77,10 @@ SCRIPT = textwrap.dedent(
     for case, error, env in cases:
         os.environ.pop("SN_CUDA_DISABLE", None)
         os.environ.update(env)
+        schemas = sys.modules.get("sn_cuda.schemas")
+        if case == "stale":  # the module on disk was built for other op schemas than these
+            real_fingerprint = schemas.fingerprint
+            schemas.fingerprint = lambda: "0" * 16
         # What a CPU build of torch reports, for that case only.
         torch.version.cuda, torch.version.hip = (None, None) if case == "cpu_only_torch" else real_version
         with warnings.catch_warnings(record=True) as caught:
@@ -81,6 +89,8 @@ SCRIPT = textwrap.dedent(
                 import sn_cuda  # the first case: the import itself
             else:  # the others: the loader's module-level code runs again
                 importlib.reload(sys.modules["sn_cuda._extension"])
+        if case == "stale":
+            schemas.fingerprint = real_fingerprint
         from sn_cuda import _extension, ops
         backend = sys.modules["sn_cuda"].backend()
         weight = torch.randn(3, 4, device="cuda") if torch.cuda.is_available() else None
@@ -111,6 +121,10 @@ CASES = {
     "registration": ("registration", {}, 1, ["failed to load", "RuntimeError", "register"]),
     "disabled": ("none", {"SN_CUDA_DISABLE": "1"}, 0, ["SN_CUDA_DISABLE"]),
 }
+if importlib.util.find_spec("sn_cuda._C") is not None:
+    # A real build, whose stamp does not match (the case changes the schemas' fingerprint):
+    # not even loaded, since loading it next to other schemas can abort the process.
+    CASES["stale"] = (None, {}, 1, ["another version of sn_cuda", "rebuild"])
 
 
 @pytest.fixture(scope="module")

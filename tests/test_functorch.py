@@ -61,3 +61,32 @@ def test_vjp_with_respect_to_the_input(device, flavour, assert_same):
     assert_same(pull_ours(cotangent)[0], pull_ref(cotangent)[0], "vjp")
     for t, s in zip(ref.buffers(), ours.buffers()):
         assert_same(s, t, "u/v after the call")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per-layer", "batched"])
+def test_compiled_grad_of_functional_call_matches_eager(batched, training):
+    # torch.compile traces the transform: sn_cuda takes the reference there too (functorch
+    # cannot differentiate the fused ops), and keeps no σ from inside it (a wrapper tensor,
+    # which compile cannot hand back as module state). The hook flavour's module.weight is
+    # such state: torch's, like sn_cuda's, does not compile here.
+    torch._dynamo.reset()
+    model = _model(sn_cuda.spectral_norm, "cpu").train(training)
+    if batched:
+        sn_cuda.batch(model)
+    model(torch.randn(5, 3, 6, 6))
+    sigmas = sn_cuda.sigmas(model)
+    x = torch.randn(5, 3, 6, 6)
+    params = {k: 2 * p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, buffers):
+        return functional_call(model, {**p, **buffers}, (x,)).square().sum()
+
+    buffers = [{k: b.clone() for k, b in model.named_buffers()} for _ in range(2)]
+    compiled = torch.compile(grad(loss), backend="aot_eager", fullgraph=True)(params, buffers[0])
+    eager = grad(loss)(params, buffers[1])
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in buffers[1]:
+        torch.testing.assert_close(buffers[0][key], buffers[1][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert sn_cuda.sigmas(model) == sigmas  # those of the model's own last forward
