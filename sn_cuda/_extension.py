@@ -10,8 +10,10 @@ A build that is merely absent warns only where it costs something: with a CUDA b
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,6 +70,16 @@ def _stale(spec) -> str | None:
     )
 
 
+def other_builds(package_dir: Path) -> list[str]:
+    """The compiled modules in ``package_dir`` that this interpreter cannot import: ``_C``
+    built for another Python or platform (``_C.cpython-312-x86_64-linux-gnu.so``)."""
+    ours = tuple("_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(
+        p.name for p in package_dir.glob("_C.*")
+        if p.suffix in (".so", ".pyd") and not p.name.endswith(ours)
+    )
+
+
 def _load() -> tuple[bool, str]:
     """Import the compiled module; return (loaded, why) without raising."""
     if disabled(os.environ.get(_DISABLE_ENV, "")):
@@ -82,6 +94,13 @@ def _load() -> tuple[bool, str]:
         importlib.import_module("sn_cuda._C")
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "sn_cuda._C":
+            others = other_builds(Path(__file__).parent)
+            if others:
+                return False, (
+                    f"the compiled extension was built for another Python or platform "
+                    f"({', '.join(others)}; this is {sys.implementation.cache_tag}): "
+                    "reinstall sn_cuda to rebuild it"
+                )
             return False, "the compiled extension is not installed (pure-Python install)"
         if any(s in str(e) for s in _ABI_MISMATCH):
             return False, (

@@ -85,3 +85,15 @@ def test_the_build_is_stamped_with_the_schemas():
     origin = importlib.util.find_spec("sn_cuda._C").origin
     stamp = os.path.join(os.path.dirname(origin), schemas.STAMP)
     assert open(stamp).read().strip() == schemas.fingerprint()
+
+
+def test_a_build_for_another_python_is_named(tmp_path):
+    (tmp_path / "_C.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")
+    (tmp_path / "_C.schemas").write_text("0\n")
+    assert _extension.other_builds(tmp_path) == ["_C.cpython-399-x86_64-linux-gnu.so"]
+    assert _extension.other_builds(tmp_path / "nothing") == []
+    # One this interpreter would import is not "another" (it is missing for other reasons).
+    import importlib.machinery
+
+    (tmp_path / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    assert _extension.other_builds(tmp_path) == ["_C.cpython-399-x86_64-linux-gnu.so"]
