@@ -82,17 +82,36 @@ def _extensions():
 
 
 def _stamping(build_ext):
-    """``build_ext`` that writes, next to the built module, the fingerprint of the op schemas it
-    was built for (sn_cuda/schemas.py): sn_cuda loads only a module whose stamp matches."""
+    """``build_ext`` that writes, next to each built module, the fingerprint of the op schemas
+    it was built for (sn_cuda/schemas.py): sn_cuda loads only a module whose stamp matches.
+    The stamps are declared outputs, so that wheels and every editable mode carry them."""
     spec = runpy.run_path(os.path.join(ROOT, "sn_cuda", "schemas.py"))
 
     class BuildAndStamp(build_ext):
+        def _stamps(self):
+            """(stamp in the build tree, stamp next to the module in use) for each extension."""
+            for ext in self.extensions:
+                inplace, self.inplace = self.inplace, False
+                built = self.get_ext_fullpath(ext.name)
+                self.inplace = inplace
+                yield built + spec["STAMP_SUFFIX"], self.get_ext_fullpath(ext.name) + spec["STAMP_SUFFIX"]
+
         def run(self):
             super().run()
-            for ext in self.extensions:
-                stamp = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), spec["STAMP"])
-                with open(stamp, "w") as f:
-                    f.write(spec["fingerprint"]() + "\n")
+            for paths in self._stamps():
+                for path in set(paths):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        f.write(spec["fingerprint"]() + "\n")
+
+        def get_outputs(self):
+            return super().get_outputs() + [built for built, _ in self._stamps()]
+
+        def get_output_mapping(self):
+            mapping = super().get_output_mapping()
+            if self.inplace:
+                mapping.update(dict(self._stamps()))
+            return mapping
 
     return BuildAndStamp
 

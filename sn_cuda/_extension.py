@@ -59,13 +59,13 @@ def _stale(spec) -> str | None:
     """Why the found module must not be loaded (built from other op schemas), or None."""
     if spec.origin is None:
         return None
-    stamp = Path(spec.origin).with_name(schemas.STAMP)
+    stamp = Path(spec.origin + schemas.STAMP_SUFFIX)
     built_for = stamp.read_text().strip() if stamp.is_file() else None
     if built_for == schemas.fingerprint():
         return None
     return (
         f"the compiled extension {Path(spec.origin).name} was built from another version of "
-        f"sn_cuda (its op schemas differ{'' if built_for else ', or it has no ' + schemas.STAMP}); "
+        f"sn_cuda (its op schemas differ{'' if built_for else ', or it has no ' + stamp.name}); "
         "reinstall sn_cuda to rebuild it"
     )
 

@@ -171,8 +171,8 @@ def _join(module_name: str, tensor_name: str) -> str:
 def _batchable(layer: _Layer) -> bool:
     if layer.param_flavour and "_u" not in layer.sn._buffers:
         return False  # a 1-D weight: torch's parametrization keeps no vectors for it
-    weight = layer.tensors()[0]
-    if weight.ndim < 2 or weight.is_complex():
+    weight = layer.params.get(layer.wkey)  # None: not a parameter (FSDP1, prune), per layer
+    if weight is None or weight.ndim < 2 or weight.is_complex():
         return False
     # Spectral norm must be the first parametrization: its input is then the original tensor.
     return not layer.param_flavour or (layer.plist.is_tensor and layer.plist[0] is layer.sn)
@@ -239,10 +239,11 @@ class BatchHandle:
         for layer in self.layers:
             if layer.registry.get(layer.registry_key) is not layer.registered:
                 continue  # removed since: layer.removed(), inline (per layer per forward)
-            weight = layer.params[layer.wkey]
-            if isinstance(weight, _DTensor):
-                # A weight sharded by FSDP2 (whole only inside its own module's forward): per
-                # layer, as torch.
+            weight = layer.params.get(layer.wkey)
+            if weight is None or isinstance(weight, _DTensor):
+                # Taken out of the parameters (FSDP1's flat parameter, torch.nn.utils.prune),
+                # or sharded by FSDP2 (whole only inside its own module's forward): per layer,
+                # as torch.
                 continue
             if cache is not None and (id(layer.module), layer.tensor_name) in cache:
                 continue  # inside parametrize.cached(), computed once already, as torch does

@@ -2,8 +2,8 @@
 the ops, and the compiled kernels (``csrc/``), which register implementations whose C++
 signatures must match them.
 
-A build is stamped with their fingerprint (setup.py writes ``_C.schemas`` next to the module),
-and ``sn_cuda/_extension.py`` loads only a build whose stamp matches: a module built from
+A build is stamped with their fingerprint (setup.py writes ``<module file>.schemas`` next to
+the module, e.g. ``_C.cpython-311-x86_64-linux-gnu.so.schemas``: one per Python), and ``sn_cuda/_extension.py`` loads only a build whose stamp matches: a module built from
 other schemas (an in-place build left behind by a ``git pull``) cannot be loaded safely. Its
 registrations make the definitions in ops.py fail, or, loaded after them, abort the process.
 Plain Python with no imports of its own: setup.py reads it without importing sn_cuda.
@@ -21,8 +21,8 @@ SCHEMAS = (
     "bool u_first, SymInt n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)",
 )
 
-# The stamp's file name, next to the compiled module.
-STAMP = "_C.schemas"
+# A module's stamp: its own file name with this suffix, next to it.
+STAMP_SUFFIX = ".schemas"
 
 
 def fingerprint() -> str:

@@ -611,3 +611,26 @@ def test_a_layer_the_forward_does_not_use_gets_no_gradient(flavour, path, monkey
     model(torch.randn(3, 4)).sum().backward()
     assert model.head_a.get_parameter(key).grad is not None
     assert model.head_b.get_parameter(key).grad is None
+
+
+@pytest.mark.parametrize("flavour", ["param", "legacy"])
+def test_a_raw_weight_taken_out_of_the_parameters(flavour):
+    # torch.nn.utils.prune (as FSDP1's flat parameters) turns the raw weight into a plain
+    # attribute that torch's flavours read by getattr: that layer computes its own, as torch.
+    from torch.nn.utils import prune
+
+    models = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2))
+        for layer in model:
+            (torch.nn.utils.spectral_norm if flavour == "legacy" else torch.nn.utils.parametrizations.spectral_norm)(layer)
+        if batched:
+            sn_cuda.batch(model)
+        owner, name = (model[0], "weight_orig") if flavour == "legacy" else (model[0].parametrizations.weight, "original")
+        prune.l1_unstructured(owner, name, amount=0.5)
+        models.append(model)
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        assert torch.equal(models[1](x), models[0](x))
+    assert_same_state(models[1], models[0])
