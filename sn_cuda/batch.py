@@ -138,15 +138,6 @@ class _Layer:
             self.registry, self.registry_key = module._forward_pre_hooks, hook_id
             self.registered = sn
 
-    def tensors(self):
-        """(weight, u, v) of this layer, by direct dict access."""
-        return self.params[self.wkey], self.buffers[self.ukey], self.buffers[self.vkey]
-
-    def removed(self) -> bool:
-        """Whether this layer's spectral norm was removed since it was found (torch's
-        ``remove_spectral_norm``, or ``remove_parametrizations``)."""
-        return self.registry.get(self.registry_key) is not self.registered
-
 
 def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
     """Every spectral-normalized tensor under ``model`` (torch's or sn_cuda's, both flavours)."""
@@ -238,7 +229,7 @@ class BatchHandle:
         groups: dict = {}
         for layer in self.layers:
             if layer.registry.get(layer.registry_key) is not layer.registered:
-                continue  # removed since: layer.removed(), inline (per layer per forward)
+                continue  # its spectral norm was removed since (or removed and applied again)
             weight = layer.params.get(layer.wkey)
             if weight is None or isinstance(weight, _DTensor):
                 # Taken out of the parameters (FSDP1's flat parameter, torch.nn.utils.prune),
