@@ -431,16 +431,29 @@ def apply(
 
 def sigmas(model: nn.Module) -> dict[str, float]:
     """{qualified layer name: σ used by its last forward}, for every spectral-normalized layer
-    under ``model`` computed by sn_cuda (per layer or batched). Costs no pass over a weight:
-    the values come from the last forward (layers not run yet are left out)."""
+    under ``model`` computed by sn_cuda (per layer or batched; conv_spectral_norm's σ of the
+    convolution too). Costs no pass over a weight: the values come from the last forward
+    (layers not run yet are left out)."""
     out, cache = {}, {}
-    for layer in spectral_norm_layers(model):
-        last = getattr(layer.sn, "last_sigma", None)
+    for name, sn in _sigma_sources(model):
+        last = getattr(sn, "last_sigma", None)
         if last is None:
             continue
         tensor, i = last
         values = cache.get(id(tensor))
         if values is None:  # one device-to-host copy per fused call, not per layer
             values = cache[id(tensor)] = tensor.double().tolist()
-        out[layer.name] = values[i]
+        out[name] = values[i]
     return out
+
+
+def _sigma_sources(model: nn.Module) -> Iterator[tuple[str, object]]:
+    """(layer name, object keeping its last σ): the spectral norms, and conv_spectral_norm's."""
+    for layer in spectral_norm_layers(model):
+        yield layer.name, layer.sn
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, ConvSpectralNorm):
+                        yield _join(name, tensor_name), p

@@ -200,7 +200,9 @@ class ConvSpectralNorm(torch.nn.Module):
             y = self._apply_map(u.unsqueeze(0), weight)
             y = F.normalize(y.flatten(), dim=0, eps=self.eps).view_as(y)
             x = self._apply_adjoint(y, weight)[0]
-            u.copy_(F.normalize(x.flatten(), dim=0, eps=self.eps).view_as(u))
+            # out=, not copy_: inside a torch.func transform x is a wrapped tensor, which
+            # functorch refuses to copy_ into the plain buffer (as torch's spectral norm does).
+            F.normalize(x.flatten(), dim=0, eps=self.eps, out=u.view(-1))
 
     # ---------------------------------------------------------------- parametrization
     def forward(self, weight: Tensor) -> Tensor:

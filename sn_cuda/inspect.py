@@ -60,6 +60,7 @@ class LayerReport:
     sigma: float | None  # u·W v from the stored vectors; None without them
     weight: Tensor = dataclasses.field(repr=False)
     exact: float | None = None  # largest singular value (filled in by add_exact)
+    dim_assumed: bool = False  # u, v fit more than one view and tell none apart: dim 0 assumed
 
 
 # ------------------------------------------------------------------------------ loading
@@ -115,21 +116,45 @@ def load_state_dict(path: str, trust: bool = False) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- analysis
 def _matrix(weight: Tensor, dim: int) -> Tensor:
     w = weight.detach().to(torch.complex128 if weight.is_complex() else torch.float64)
-    return w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    w = w.movedim(dim, 0)
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: an empty weight has 0 rows
 
 
-def _estimate(weight: Tensor, u: Tensor, v: Tensor) -> tuple[int, float] | None:
-    """(dim, σ = u·W v) for the matrix view that u and v fit; None if none does."""
-    best = None
-    rows_options = [d for d in range(weight.ndim) if weight.shape[d] == u.numel()]
-    for dim in rows_options:
-        if weight.numel() // weight.shape[dim] != v.numel():
+def _estimate(weight: Tensor, u: Tensor, v: Tensor) -> tuple[int, float, bool] | None:
+    """(dim, σ = u·W v, dim assumed?) for the matrix view that u and v fit; None if none does.
+
+    Where the sizes fit more than one view (a square kernel: dim 0 and dim 1 both give
+    C × C·k·k), the one whose stored vectors are a power-iteration pair: after any step, the
+    vector updated last is the other one through W (v ∝ Wᵀu in the parametrization flavour,
+    u ∝ W v in the hook flavour), which no other view satisfies. Vectors never iterated (a hook
+    flavour saved before its first training forward) tell nothing: dim 0, the usual one.
+    """
+    fits = []
+    for dim in range(weight.ndim):
+        if weight.shape[dim] != u.numel() or weight.numel() // max(weight.shape[dim], 1) != v.numel():
             continue
         mat = _matrix(weight, dim)
-        sigma = torch.vdot(u.to(mat.dtype), mat @ v.to(mat.dtype)).real.item()
-        if best is None or sigma > best[1]:
-            best = (dim, sigma)
-    return best
+        uu, vv = u.to(mat.dtype), v.to(mat.dtype)
+        wv = mat @ vv
+        sigma = torch.vdot(uu, wv).real.item()
+        scale = max(abs(sigma), 1e-30)
+        residual = min(
+            torch.linalg.vector_norm(wv - sigma * uu).item() / scale,
+            torch.linalg.vector_norm(mat.mH @ uu - sigma * vv).item() / scale,
+        )
+        fits.append((residual if math.isfinite(residual) else math.inf, dim, sigma))
+    if not fits:
+        return None
+    best = min(fits)
+    assumed = len(fits) > 1 and not best[0] < _PAIR_RESIDUAL
+    if assumed:
+        best = next((fit for fit in fits if fit[1] == 0), fits[0])
+    return best[1], best[2], assumed
+
+
+# Relative residual under which stored u, v count as a power-iteration pair of a view (float16
+# vectors round at ~1e-3; a view they do not belong to gives ~1).
+_PAIR_RESIDUAL = 1e-2
 
 
 def _display_name(prefix: str | None, tensor: str) -> str:
@@ -143,8 +168,8 @@ def _report(name: str, flavour: str, weight: Tensor, u: Tensor | None, v: Tensor
     estimate = None
     if u is not None and v is not None and u.ndim == 1 and v.ndim == 1:
         estimate = _estimate(weight, u, v)
-    dim, sigma = estimate if estimate is not None else (0, None)
-    return LayerReport(name, flavour, tuple(weight.shape), dim, sigma, weight)
+    dim, sigma, assumed = estimate if estimate is not None else (0, None, False)
+    return LayerReport(name, flavour, tuple(weight.shape), dim, sigma, weight, dim_assumed=assumed)
 
 
 def find_layers(tensors: Mapping[str, Tensor]) -> list[LayerReport]:
@@ -178,9 +203,16 @@ def find_layers(tensors: Mapping[str, Tensor]) -> list[LayerReport]:
 
 
 def add_exact(reports: Sequence[LayerReport]) -> None:
-    """Fill in ``exact``: the largest singular value of each weight's matrix view."""
+    """Fill in ``exact``: the largest singular value of each weight's matrix view (nan for a
+    weight with NaN/Inf, a diverged model's; 0 for an empty one)."""
     for report in reports:
-        report.exact = torch.linalg.matrix_norm(_matrix(report.weight, report.dim), ord=2).item()
+        mat = _matrix(report.weight, report.dim)
+        if mat.numel() == 0:
+            report.exact = 0.0
+        elif not torch.isfinite(mat).all():
+            report.exact = math.nan
+        else:
+            report.exact = torch.linalg.matrix_norm(mat, ord=2).item()
 
 
 # ------------------------------------------------------------------------------- output
@@ -205,6 +237,12 @@ def format_table(reports: Sequence[LayerReport], exact: bool) -> str:
         lines.append(
             f"(sigma (u, v) product over the {len(estimated)} of {len(reports)} layers "
             "with stored u, v)"
+        )
+    assumed = [r.name for r in reports if r.dim_assumed]
+    if assumed:
+        lines.append(
+            f"(never iterated u, v fit more than one matrix view of {', '.join(assumed)}: the "
+            "rows are taken on dim 0, which a ConvTranspose's are not)"
         )
     return "\n".join(lines)
 

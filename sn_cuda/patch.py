@@ -56,6 +56,10 @@ class TorchPatch:
             _originals.clear()
 
     def __enter__(self) -> "TorchPatch":
+        if not self.active:  # a handle used again after its undo would silently patch nothing
+            raise RuntimeError(
+                "this patch_torch() handle was undone: call sn_cuda.patch_torch() for a new one"
+            )
         return self
 
     def __exit__(self, *exc) -> None:

@@ -98,6 +98,7 @@ class SpectralPenalty(nn.Module):
         self.eps = eps
         self.vectors = nn.Module()
         self._layers: list[_Layer] = []
+        selected: set[int] = set()
         for name, module in model.named_modules():
             if not included(name, module) or (excluded is not None and excluded(name, module)):
                 continue
@@ -114,6 +115,10 @@ class SpectralPenalty(nn.Module):
                     f"SpectralPenalty: layer '{name}' has a {weight.dtype} weight; the penalty takes "
                     "real floating-point weights (exclude the layer)"
                 )
+            # One weight under two modules (tied embeddings) is one parameter to torch: one σ².
+            if id(weight) in selected:
+                continue
+            selected.add(id(weight))
             dim = default_dim(module)
             u, v = self._initial_vectors(weight.detach(), dim)
             holder = self._holder(name)

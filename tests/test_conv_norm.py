@@ -6,6 +6,7 @@ module's outputs for the basis inputs, bias removed), and its largest singular v
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -189,3 +190,27 @@ def test_errors(make, shape, error, message):
 def test_rejects_nonpositive_iterations():
     with pytest.raises(ValueError, match="n_power_iterations"):
         sn_cuda.conv_spectral_norm(nn.Conv2d(2, 3, 3), (5, 5), n_power_iterations=0)
+
+
+def test_grad_of_functional_call_in_training():
+    # torch.func with the parameters only (u stays the module's buffer): as torch's spectral
+    # norm, the in-place update of u under the transform must work.
+    from torch.func import functional_call, grad
+
+    module = sn_cuda.conv_spectral_norm(nn.Conv2d(2, 3, 3), (5, 5))
+    twin = copy.deepcopy(module)
+    x = torch.randn(1, 2, 5, 5)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    grads = grad(lambda p: functional_call(module, p, (x,)).square().sum())(params)
+    twin(x).square().sum().backward()
+    for key, g in grads.items():
+        torch.testing.assert_close(g, twin.get_parameter(key).grad, msg=key)
+    assert torch.equal(module.parametrizations.weight[0]._u, twin.parametrizations.weight[0]._u)
+
+
+def test_sigmas_reports_the_operator_norm():
+    model = nn.Sequential(sn_cuda.conv_spectral_norm(nn.Conv2d(2, 3, 3, padding=1), (6, 6)), nn.ReLU(),
+                          sn_cuda.spectral_norm(nn.Conv2d(3, 3, 3)))
+    model(torch.randn(2, 2, 6, 6))
+    last = model[0].parametrizations.weight[0].last_sigma[0]
+    assert sn_cuda.sigmas(model) == {"0": pytest.approx(last.item()), "2": pytest.approx(sn_cuda.sigmas(model)["2"])}

@@ -185,3 +185,45 @@ def test_python_dash_m(model, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0] == f"{path}: {len(REPORTED)} layers"
+
+
+def _exact_sigma(weight, dim):
+    w = weight.detach().double()
+    return torch.linalg.matrix_norm(w.movedim(dim, 0).reshape(w.shape[dim], -1), ord=2).item()
+
+
+@pytest.mark.parametrize("sn_fn", [torch.nn.utils.spectral_norm, torch.nn.utils.parametrizations.spectral_norm])
+def test_the_matrix_view_is_the_one_the_vectors_belong_to(sn_fn):
+    # A square ConvTranspose2d kernel: u, v fit both dim 0 and dim 1. After one step of power
+    # iteration the vectors are a pair of dim 1's view only (the hook flavour's random start
+    # would otherwise pick a view at random).
+    for seed in range(5):
+        torch.manual_seed(seed)
+        layer = sn_fn(nn.ConvTranspose2d(8, 8, 4))
+        layer(torch.randn(1, 8, 5, 5))
+        (report,) = find_layers(layer.state_dict())
+        add_exact([report])
+        assert report.dim == 1 and not report.dim_assumed
+        original = layer.weight_orig if hasattr(layer, "weight_orig") else layer.parametrizations.weight.original
+        assert report.exact == pytest.approx(_exact_sigma(original, 1), rel=1e-9)
+
+
+def test_never_iterated_vectors_say_the_view_is_assumed(tmp_path, capsys):
+    torch.manual_seed(0)
+    layer = torch.nn.utils.spectral_norm(nn.ConvTranspose2d(8, 8, 4))  # saved before any forward
+    (report,) = find_layers(layer.state_dict())
+    assert report.dim == 0 and report.dim_assumed
+    path = tmp_path / "fresh.pt"
+    torch.save(layer.state_dict(), path)
+    assert main([str(path)]) == 0
+    assert "taken on dim 0" in capsys.readouterr().out
+
+
+def test_exact_of_non_finite_and_empty_weights(tmp_path, capsys):
+    # A diverged GAN's checkpoint still gets its table: nan where the weight is not finite.
+    state = {"a.weight": torch.full((3, 4), float("nan")), "b.weight": torch.zeros(0, 3), "c.weight": torch.eye(2)}
+    path = tmp_path / "diverged.pt"
+    torch.save(state, path)
+    assert main([str(path), "--exact"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert rows["a"][-1] == "nan" and rows["b"][-1] == "0" and rows["c"][-1] == "1"

@@ -104,3 +104,13 @@ def test_patched_functions_compute_torchs_numbers(originals, flavour, layers, ma
     flavour.remove(module)
     if not flavour.is_legacy:
         assert not parametrize.is_parametrized(module)
+
+
+def test_an_undone_handle_cannot_be_entered_again(originals):
+    handle = sn_cuda.patch_torch()
+    with handle:
+        assert _builds_sn_cuda_layers()
+    with pytest.raises(RuntimeError, match="was undone"):
+        with handle:
+            pass
+    assert all(now is before for now, before in zip(_current(), originals))

@@ -238,3 +238,15 @@ def test_spectral_norm_added_after_the_penalty_is_seen():
         assert penalty.sigmas()[str(i)] == pytest.approx(exact_sigma(weight, 0), rel=1e-9)
     assert torch.equal(model[0].parametrizations.weight[0]._u, vectors[0])
     assert torch.equal(model[1].weight_u, vectors[1])
+
+
+def test_a_weight_shared_by_two_modules_counts_once():
+    # Tied input and output embeddings: one parameter to torch, one σ² here.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)}).double()
+    model["head"].weight = model["emb"].weight
+    penalty = sn_cuda.SpectralPenalty(model, n_power_iterations=200)
+    value = penalty()
+    sigma = exact_sigma(model["emb"].weight, 0)
+    assert list(penalty.sigmas()) == ["emb"]
+    assert value.item() == pytest.approx(sigma**2, rel=1e-9)
