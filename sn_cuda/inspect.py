@@ -204,8 +204,12 @@ def find_layers(tensors: Mapping[str, Tensor]) -> list[LayerReport]:
 
 def add_exact(reports: Sequence[LayerReport]) -> None:
     """Fill in ``exact``: the largest singular value of each weight's matrix view (nan for a
-    weight with NaN/Inf, a diverged model's; 0 for an empty one)."""
+    weight with NaN/Inf, a diverged model's; 0 for an empty one). Not for conv_spectral_norm's
+    layers: their norm is the convolution's, whose stride, padding and dilation a checkpoint
+    does not hold (σ of the reshaped kernel would be another number)."""
     for report in reports:
+        if report.flavour == "conv-operator":
+            continue
         mat = _matrix(report.weight, report.dim)
         if mat.numel() == 0:
             report.exact = 0.0
@@ -230,7 +234,7 @@ def format_table(reports: Sequence[LayerReport], exact: bool) -> str:
     estimated = [r.sigma for r in reports if r.sigma is not None]
     product = ["product", "", "", _fmt(math.prod(estimated)) if estimated else "-"]
     if exact:
-        product.append(_fmt(math.prod(r.exact for r in reports)))
+        product.append(_fmt(math.prod(r.exact for r in reports if r.exact is not None)))
     widths = [max(len(row[i]) for row in [header, *rows, product]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows, product]]
     if estimated and len(estimated) < len(reports):
