@@ -69,6 +69,15 @@ struct Normalize : public torch::autograd::Function<Normalize> {
     saved.insert(saved.end(), w_sn.begin(), w_sn.end());
     saved.insert(saved.end(), weights.begin(), weights.end());  // only for create_graph
     ctx->save_for_backward(saved);
+    // A frozen layer (its weight needs no gradient: FreezeD, D during G's step) batched with
+    // trainable ones: its W/σ is a constant, as from torch's per-layer ops. Unmarked, every
+    // output of the group would require grad, and the backward would run through the frozen
+    // layers for nothing.
+    variable_list constant;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      if (!weights[i].requires_grad()) constant.push_back(w_sn[i]);
+    }
+    if (!constant.empty()) ctx->mark_non_differentiable(constant);
     w_sn.push_back(std::move(sigma_out));
     return w_sn;  // W_0/σ_0, ..., W_{n-1}/σ_{n-1}, σ
   }

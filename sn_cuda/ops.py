@@ -296,6 +296,7 @@ def record_sigma(owner, sigmas: Tensor, index: int) -> None:
     if not in_functorch_transform():
         owner.__dict__["last_sigma"] = (sigmas.detach(), index)
 _jit_tracing = torch._C._is_tracing
+_forward_ad = torch.autograd.forward_ad  # its _current_level: -1 outside dual_level()
 
 
 # ------------------------------------------------------------------- what modules call
@@ -341,6 +342,7 @@ def spectral_norm(
         kernel_path = (
             len(weights) > 0  # none: check_layers says so below
             and uses_kernels(weights[0]) and not in_functorch_transform() and not _jit_tracing()
+            and _forward_ad._current_level < 0  # nor forward-mode AD: the C++ autograd has no jvp
         )
     if kernel_path:
         weights, dims = list(weights), list(dims)

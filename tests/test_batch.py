@@ -634,3 +634,28 @@ def test_a_raw_weight_taken_out_of_the_parameters(flavour):
     for _ in range(2):
         assert torch.equal(models[1](x), models[0](x))
     assert_same_state(models[1], models[0])
+
+
+@pytest.mark.parametrize("path", ["reference", "ops"])
+def test_frozen_layers_batched_with_trainable_ones(path, monkeypatch):
+    # FreezeD (lower layers frozen), or D during G's step: a frozen layer's W/σ is a constant,
+    # as from torch's own layers, though it shares a fused call with trainable ones; the
+    # backward does not run through it. "ops": the fused ops and their C++ autograd.
+    if path == "ops":
+        if not sn_cuda._extension.LOADED:
+            pytest.skip("needs the compiled extension (the ops' C++ autograd)")
+        monkeypatch.setattr(ops, "uses_kernels", lambda weight: True)
+    a, b = twin_models("param")
+    sn_cuda.batch(b)
+    seen = {}
+    b.b1.c1.register_forward_hook(lambda m, args, out: seen.update(w=m.weight.requires_grad, out=out.requires_grad))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    for model in (a, b):
+        model.b1.requires_grad_(False)
+        model(x, y).sum().backward()
+    assert seen == {"w": False, "out": False}
+    for (key, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, key
+        else:
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=key)

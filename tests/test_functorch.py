@@ -90,3 +90,27 @@ def test_compiled_grad_of_functional_call_matches_eager(batched, training):
     for key in buffers[1]:
         torch.testing.assert_close(buffers[0][key], buffers[1][key], rtol=1e-5, atol=1e-6, msg=key)
     assert sn_cuda.sigmas(model) == sigmas  # those of the model's own last forward
+
+
+@pytest.mark.parametrize("path", ["reference", "ops"])
+def test_forward_mode_ad_in_eval(path, monkeypatch):
+    # torch.autograd.forward_ad with a tangent on the weight (torch's flavour supports it in
+    # eval): the fused ops' C++ autograd has no jvp, so the reference computes there.
+    import torch.autograd.forward_ad as fwAD
+
+    if path == "ops":
+        if not sn_cuda._extension.LOADED:
+            pytest.skip("needs the compiled extension (the ops' C++ autograd)")
+        monkeypatch.setattr(sn_cuda.ops, "uses_kernels", lambda weight: True)
+    x = torch.randn(2, 4)
+    tangents = []
+    for sn_fn in (torch.nn.utils.parametrizations.spectral_norm, sn_cuda.spectral_norm):
+        torch.manual_seed(0)
+        model = sn_fn(nn.Linear(4, 3)).eval()
+        plist = model.parametrizations.weight
+        weight = plist.original.detach()
+        with fwAD.dual_level():
+            del plist._parameters["original"]
+            plist.original = fwAD.make_dual(weight, torch.ones_like(weight))
+            tangents.append(fwAD.unpack_dual(model(x)).tangent)
+    torch.testing.assert_close(tangents[1], tangents[0])
