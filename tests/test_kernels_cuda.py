@@ -388,7 +388,7 @@ def test_opcheck(dtype):
     for gsig in (None, torch.randn_like(sigmas)):
         torch.library.opcheck(OPS.normalize_backward.default, (grads, gsig, w_sn, sigmas, uv, dims))
     for training in (True, False):
-        torch.library.opcheck(OPS.spectral_norm.default, (leaves, us, vs, dims, False, 1, EPS, training))
+        torch.library.opcheck(torch.ops.sn_cuda.spectral_norm.default, (leaves, us, vs, dims, False, 1, EPS, training))
 
 
 def _count_kernels(fn) -> int:
