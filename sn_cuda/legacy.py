@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import (
 )
 
 from . import ops
-from .parametrization import default_dim
+from .parametrization import default_dim, state_without_staged
 
 _module_setattr = torch.nn.Module.__setattr__
 
@@ -78,9 +78,8 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     def __getstate__(self):
         # Not carried over: the weak reference to the original's tensor (not picklable, and
         # meaningless in a copy), and W/σ staged by a batched forward in progress.
-        state = self.__dict__.copy()
+        state = state_without_staged(self)
         state.pop("_set_weight", None)
-        state.pop("_staged", None)
         return state
 
     def compute_weight(self, module: torch.nn.Module, do_power_iteration: bool) -> Tensor:

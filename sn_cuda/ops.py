@@ -110,14 +110,7 @@ def check_layers(op: str, weights, us, vs, dims) -> None:
     the same bad call fails the same way on every path (RuntimeError, as from TORCH_CHECK),
     where the reference would truncate lists, resize a wrong-sized u in place, or fail deep in
     a reshape."""
-    n = len(weights)
-    if n == 0:
-        raise RuntimeError(f"{op}: weights must hold at least one tensor")
-    for name, seq in (("us", us), ("vs", vs)):
-        if len(seq) != n:
-            raise RuntimeError(f"{op}: {name} has {len(seq)} tensors but weights has {n}")
-    if len(dims) != n:
-        raise RuntimeError(f"{op}: dims has {len(dims)} entries but weights has {n}")
+    _check_counts(op, weights, dims, us=us, vs=vs)
     device, dtype = weights[0].device, weights[0].dtype
     for i, (w, u, v, d) in enumerate(zip(weights, us, vs, dims)):
         for name, t in (("weights", w), ("us", u), ("vs", v)):
@@ -154,6 +147,18 @@ def check_layers(op: str, weights, us, vs, dims) -> None:
             )
 
 
+def _check_counts(op: str, weights, dims, name: str = "weights", **lists) -> None:
+    """At least one layer, and as many of each list (and of dims) as of ``weights``."""
+    n = len(weights)
+    if n == 0:
+        raise RuntimeError(f"{op}: {name} must hold at least one tensor")
+    for other, seq in lists.items():
+        if len(seq) != n:
+            raise RuntimeError(f"{op}: {other} has {len(seq)} tensors but {name} has {n}")
+    if len(dims) != n:
+        raise RuntimeError(f"{op}: dims has {len(dims)} entries but {name} has {n}")
+
+
 def _check_acc_vector(op: str, t: Tensor, name: str, n: int, device, acc) -> None:
     """A 1-D vector of ``n`` accumulator values (sigmas, grad_sigmas, uv), as the kernels check."""
     if t.device != device:
@@ -164,11 +169,8 @@ def _check_acc_vector(op: str, t: Tensor, name: str, n: int, device, acc) -> Non
         raise RuntimeError(f"{op}: {name} must be a vector of {n} elements, got shape {list(t.shape)}")
 
 
-def _check_normalize_inputs(op: str, weights, sigmas, uv, dims, name: str = "weights") -> None:
-    if len(weights) == 0:
-        raise RuntimeError(f"{op}: {name} must hold at least one tensor")
-    if len(dims) != len(weights):
-        raise RuntimeError(f"{op}: dims has {len(dims)} entries but {name} has {len(weights)}")
+def _check_normalize_inputs(op: str, weights, sigmas, uv, dims, name: str = "weights", **lists) -> None:
+    _check_counts(op, weights, dims, name, **lists)
     device, acc = weights[0].device, _acc_dtype(weights[0].dtype)
     _check_acc_vector(op, sigmas, "sigmas", len(weights), device, acc)
     _check_acc_vector(op, uv, "uv", _uv_numel(weights, dims), device, acc)
@@ -212,9 +214,7 @@ def _normalize_reference(weights, sigmas, uv, dims):
 
 def _normalize_backward_reference(grads, grad_sigmas, w_sn, sigmas, uv, dims):
     op = "sn_cuda::normalize_backward"
-    _check_normalize_inputs(op, w_sn, sigmas, uv, dims, "w_sn")
-    if len(grads) != len(w_sn):
-        raise RuntimeError(f"{op}: grads has {len(grads)} tensors but w_sn has {len(w_sn)}")
+    _check_normalize_inputs(op, w_sn, sigmas, uv, dims, "w_sn", grads=grads)
     for i, (g, w) in enumerate(zip(grads, w_sn)):
         if g.shape != w.shape:
             raise RuntimeError(
