@@ -345,7 +345,9 @@ def spectral_norm(
             and _forward_ad._current_level < 0  # nor forward-mode AD: the C++ autograd has no jvp
         )
     if kernel_path:
-        weights, dims = list(weights), list(dims)
+        # torch's flavours take any dim equal to 0 (0.0, False: they permute only when
+        # dim != 0), the schemas an int.
+        weights, dims = list(weights), [0 if d == 0 else d for d in dims]
         # range() in the reference raises this TypeError for a float; the schema's would differ.
         n_power_iterations = int(operator.index(n_power_iterations))
         if not compiling:  # uses_kernels: the extension, hence the fused op, is loaded

@@ -330,6 +330,25 @@ def test_wrong_argument_types_raise_torchs_errors(flavour, kwargs, kernels, monk
     assert _errors(SN[flavour], kwargs) == expected
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["layer", "batched"])
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "ops"])
+@pytest.mark.parametrize("dim", [0.0, False], ids=["float", "bool"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_dim_equal_to_zero_works_as_in_torch(flavour, dim, kernels, batched, monkeypatch):
+    # torch's flavours take any dim equal to 0 (they permute only when dim != 0); the ops'
+    # schemas take ints.
+    x = torch.randn(2, 4)
+    torch.manual_seed(0)
+    expected = TORCH_SN[flavour](nn.Linear(4, 3), dim=dim)(x)
+    if kernels:
+        monkeypatch.setattr(ops, "uses_kernels", lambda weight: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(SN[flavour](nn.Linear(4, 3), dim=dim))
+    if batched:
+        sn_cuda.batch(model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_batched_layer_with_a_float_iteration_count_fails_like_torch():
     # The hook flavour accepts n_power_iterations=1.5 at registration, in torch too.
     expected = _errors(torch.nn.utils.spectral_norm, {"n_power_iterations": 1.5})
