@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import warnings
 import weakref
 from typing import Iterator
 
@@ -339,7 +340,14 @@ def batch(model: nn.Module) -> BatchHandle:
         # Its forward broadcasts rank 0's buffers (u, v) and then runs its module: the layers
         # are staged in the module's forward, after the broadcast, not before it.
         model = model.module
-    return BatchHandle(model)
+    handle = BatchHandle(model)
+    if not handle.layers:  # most likely batch() before spectral norm was applied
+        warnings.warn(
+            f"batch(model): found no spectral-normalized layer of 2 or more dims under "
+            f"{type(model).__name__} to batch; the handle does nothing",
+            stacklevel=2,
+        )
+    return handle
 
 
 # Module types whose weight sn_cuda.apply normalizes by default.

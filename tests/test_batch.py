@@ -394,9 +394,18 @@ def test_one_dimensional_weights_stay_per_layer():
             return self.m.vec
 
     root = Root()
-    handle = sn_cuda.batch(root)
+    with pytest.warns(UserWarning, match="found no spectral-normalized layer of 2 or more dims"):
+        handle = sn_cuda.batch(root)
     assert len(handle) == 0
     torch.testing.assert_close(root(), nn.functional.normalize(model.parametrizations.vec.original, dim=0))
+
+
+def test_batch_of_a_model_without_spectral_norm_warns():
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.warns(UserWarning, match="no spectral-normalized layer .* under Sequential"):
+        handle = sn_cuda.batch(model)
+    assert len(handle) == 0
+    handle.remove()
 
 
 # ------------------------------------------------ what torch users do to a batched model
