@@ -15,11 +15,7 @@ import weakref
 
 import torch
 from torch import Tensor
-from torch.nn.utils.spectral_norm import (
-    SpectralNormLoadStateDictPreHook,
-    SpectralNormStateDictHook,
-    remove_spectral_norm,
-)
+from torch.nn.utils.spectral_norm import remove_spectral_norm
 
 from . import ops
 from .parametrization import default_dim, state_without_staged
@@ -99,35 +95,10 @@ class SpectralNorm(_torch_sn.SpectralNorm):
 
     @staticmethod
     def apply(module: torch.nn.Module, name: str, n_power_iterations: int, dim: int, eps: float) -> "SpectralNorm":
-        # torch's SpectralNorm.apply, step for step (same checks, same RNG draws), with this
-        # class as the hook. Every check runs before the module is touched.
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, _torch_sn.SpectralNorm) and hook.name == name:
-                raise RuntimeError(
-                    f"Cannot register two spectral_norm hooks on the same parameter {name}"
-                )
-        fn = SpectralNorm(name, n_power_iterations, dim, eps)
-        weight = module._parameters[name]
-        if weight is None:
-            raise ValueError(f"`SpectralNorm` cannot be applied as parameter `{name}` is None")
-        if isinstance(weight, torch.nn.parameter.UninitializedParameter):
-            raise ValueError(
-                "The module passed to `SpectralNorm` can't have uninitialized parameters. "
-                "Make sure to run the dummy forward before applying spectral normalization"
-            )
-        with torch.no_grad():
-            weight_mat = fn.reshape_weight_to_matrix(weight)
-            h, w = weight_mat.size()
-            u = torch.nn.functional.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
-            v = torch.nn.functional.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
-        delattr(module, fn.name)
-        module.register_parameter(fn.name + "_orig", weight)
-        setattr(module, fn.name, weight.data)
-        module.register_buffer(fn.name + "_u", u)
-        module.register_buffer(fn.name + "_v", v)
-        module.register_forward_pre_hook(fn)
-        module._register_state_dict_hook(SpectralNormStateDictHook(fn))
-        module._register_load_state_dict_pre_hook(SpectralNormLoadStateDictPreHook(fn))
+        # torch's own registration (its checks, RNG draws, buffers and state_dict hooks), then
+        # this class for the hook object it registered: nothing of torch's is copied here.
+        fn = _torch_sn.SpectralNorm.apply(module, name, n_power_iterations, dim, eps)
+        fn.__class__ = SpectralNorm
         return fn
 
 
