@@ -25,10 +25,6 @@ from sn_cuda.parametrization import default_dim
 CPU = torch.device("cpu")
 
 
-def _batch_available() -> bool:
-    return methods.unavailable_reason("sn_cuda_batched", CPU) is None
-
-
 # ------------------------------------------------------------------------ JSON schema
 def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -104,7 +100,7 @@ def test_json_schema(tiny_run):
     suite = doc["suites"]["tiny_mixed"]
     # torch.compile is GPU-only: skipped with its reason on CPU; the rest ran.
     assert "torch_compile" in suite["skipped"]
-    expected = {"torch_hook", "torch_param", "sn_cuda_layer"} | ({"sn_cuda_batched"} if _batch_available() else set())
+    expected = {"torch_hook", "torch_param", "sn_cuda_layer", "sn_cuda_batched"}
     assert set(suite["methods"]) == expected
     assert suite["methods"]["torch_hook"]["speedup"] == pytest.approx(1.0)
     assert suite["failed"] == {}
@@ -295,8 +291,6 @@ def test_end_to_end_methods_train_alike_on_cpu():
 
 
 def test_batched_method_batches_every_layer():
-    if not _batch_available():
-        pytest.skip("sn_cuda.batch is not available in this install")
     suite = suites.get_suite("tiny_mixed")
     model = suites.build(suite, CPU, torch.float32)
     methods.apply("sn_cuda_batched", model, list(model.layers))

@@ -7,7 +7,6 @@ mode. Method names are the JSON keys; labels are what the table shows.
 
 from __future__ import annotations
 
-import types
 from typing import Callable
 
 import torch
@@ -28,18 +27,10 @@ LABELS = {
 }
 
 
-def _batch_function() -> Callable | None:
-    """``sn_cuda.batch`` when this install has it (a function, not the submodule)."""
-    fn = getattr(sn_cuda, "batch", None)
-    return fn if callable(fn) and not isinstance(fn, types.ModuleType) else None
-
-
 def unavailable_reason(method: str, device: torch.device) -> str | None:
     """Why ``method`` cannot run here, or None when it can."""
     if method == "torch_compile" and device.type != "cuda":
         return "torch.compile is benchmarked on CUDA only"
-    if method == "sn_cuda_batched" and _batch_function() is None:
-        return "sn_cuda.batch is not available in this install"
     return None
 
 
@@ -65,9 +56,6 @@ def apply(method: str, model: nn.Module, layers: list[nn.Module]) -> Callable:
         for layer in layers:
             sn_cuda.spectral_norm(layer)
         if method == "sn_cuda_batched":
-            batch = _batch_function()
-            if batch is None:
-                raise RuntimeError(unavailable_reason(method, torch.device("cpu")))
-            model._sn_cuda_batch_handle = batch(model)  # kept alive with the model
+            model._sn_cuda_batch_handle = sn_cuda.batch(model)  # kept alive with the model
         return model
     raise ValueError(f"unknown method {method!r}; expected one of {('none',) + METHODS}")
