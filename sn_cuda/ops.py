@@ -1,7 +1,7 @@
 """The op boundary: sn_cuda's dispatcher ops and their fake kernels.
 
 Four ops live in the ``sn_cuda`` namespace: three with kernels, and ``spectral_norm``, which
-calls two of them. Their schemas are defined here, so that the ops exist (and torch.compile
+calls two of them. They are defined here (schemas: ``sn_cuda/schemas.py``), so that the ops exist (and torch.compile
 traces them) whether or not the compiled extension is installed; the default implementation of
 each of the three is the pure-torch reference (any device). The extension
 (``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors,
@@ -9,8 +9,8 @@ and, for every device, normalize's autograd, power_iteration's (none: it runs be
 and its version bump, in C++ (``csrc/autograd.cpp``).
 All layers of one call share one device and one dtype (``sn_cuda.batch`` groups them).
 
-``power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
-int n_power_iterations, float eps, bool training) -> (Tensor sigmas, Tensor uv)``
+``power_iteration(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, bool u_first,
+SymInt n_power_iterations, float eps, bool training) -> (Tensor sigmas, Tensor uv)``
     When ``training``, ``n_power_iterations`` steps on every layer, in place on u and v
     (``u_first``: the parametrization flavour's order; else the hook flavour's). Then
     σ_l = u_l·W_l v_l, taken from the last normalization (no extra pass over W when
@@ -21,18 +21,18 @@ int n_power_iterations, float eps, bool training) -> (Tensor sigmas, Tensor uv)`
     (not shared with another vector or a weight, not expanded): the CUDA kernels, which would
     race on it, refuse it; the reference updates the layers one after another.
 
-``normalize(Tensor[] weights, Tensor sigmas, Tensor uv, int[] dims) -> (Tensor[], Tensor)``
+``normalize(Tensor[] weights, Tensor sigmas, Tensor uv, SymInt[] dims) -> (Tensor[], Tensor)``
     W_l/σ_l, and σ as a differentiable output. ``sigmas`` and ``uv`` must be what
     ``power_iteration`` returned for these weights: the gradient is that of W/σ(W) with
     σ(W) = u·W v (u, v constants), as in torch's flavours, not that of W/σ for a free σ.
 
 ``normalize_backward(Tensor[] grads, Tensor? grad_sigmas, Tensor[] w_sn, Tensor sigmas,
-Tensor uv, int[] dims) -> Tensor[]``
+Tensor uv, SymInt[] dims) -> Tensor[]``
     ∂L/∂W_l = (G_l − (⟨G_l, W_l/σ_l⟩ − g_l σ_l) u_l v_lᵀ) / σ_l, with G = ∂L/∂(W/σ) and
     g = ∂L/∂σ (``SpectralPenalty`` differentiates σ itself).
 
-``spectral_norm(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, bool u_first,
-int n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
+``spectral_norm(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, SymInt[] dims, bool u_first,
+SymInt n_power_iterations, float eps, bool training) -> (Tensor[], Tensor)``
     ``power_iteration`` (no autograd), then ``normalize``: W/σ and σ in one call from Python,
     which parses each tensor list once (csrc/spectral_norm.cpp, CompositeImplicitAutograd: the
     extension's only; it has no implementation without the extension, and is not called then).
@@ -188,16 +188,13 @@ _TYPE_NAMES = {
 # kernels take precedence for CUDA tensors.
 def _power_iteration_reference(weights, us, vs, dims, u_first, n_power_iterations, eps, training):
     check_layers("sn_cuda::power_iteration", weights, us, vs, dims)
-    acc = _acc_dtype(weights[0].dtype)
     sigmas, snapshot = [], []
     with reference.no_autocast(weights[0].device):
         for weight, u, v, dim in zip(weights, us, vs, dims):
-            mat = reference.weight_matrix(weight, dim)
-            if training:
-                # For float16/bfloat16 these are the float32 vectors (the buffers get them rounded).
-                u, v = reference.power_iteration(mat, u, v, u_first, n_power_iterations, eps)
-            u, v = u.to(acc), v.to(acc)
-            sigmas.append(torch.vdot(u, torch.mv(mat.to(acc), v)))
+            sigma, u, v = reference.sigma_and_vectors(
+                weight, u, v, dim, u_first, n_power_iterations, eps, training
+            )
+            sigmas.append(sigma)
             snapshot += [u.reshape(-1), v.reshape(-1)]
     return torch.stack(sigmas), torch.cat(snapshot)
 

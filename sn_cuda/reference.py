@@ -106,6 +106,27 @@ def power_iteration(
     return u, v
 
 
+def sigma_and_vectors(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, u_first: bool, n_power_iterations: int,
+    eps: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """σ = u·W v after (when ``training``) power iteration in place on u, v.
+
+    Returns ``(σ, u, v)``, u and v the values σ used, in the accumulation dtype (float32 for
+    float16/bfloat16 weights: their power iteration, too, ran in float32; the buffers get the
+    vectors rounded), contiguous copies that a later update of the buffers does not reach. σ is
+    differentiable with respect to ``weight``.
+    """
+    mat = weight_matrix(weight, dim)
+    if training:
+        u, v = power_iteration(mat, u, v, u_first, n_power_iterations, eps)
+    if weight.dtype in _LOW_PRECISION:
+        mat, u, v = mat.float(), u.float(), v.float()  # differentiable through the upcast
+    u = u.clone(memory_format=torch.contiguous_format)
+    v = v.clone(memory_format=torch.contiguous_format)
+    return torch.vdot(u, torch.mv(mat, v)), u, v
+
+
 def spectral_norm(
     weights: Sequence[Tensor],
     us: Sequence[Tensor],
@@ -124,17 +145,10 @@ def spectral_norm(
     w_sn, sigmas = [], []
     for weight, u, v, dim in zip(weights, us, vs, dims):
         with no_autocast(weight.device):
-            mat = weight_matrix(weight, dim)
-            if training:
-                u, v = power_iteration(mat, u, v, u_first, n_power_iterations, eps)
-            if weight.dtype in _LOW_PRECISION:
-                # σ and W/σ in float32 (differentiable through the upcast), W/σ rounded once.
-                mat = mat.float()
-                u, v = u.float(), v.float()
-            u_c = u.clone(memory_format=torch.contiguous_format)
-            v_c = v.clone(memory_format=torch.contiguous_format)
-            sigma = torch.vdot(u_c, torch.mv(mat, v_c))
-            if weight.dtype in _LOW_PRECISION:
+            sigma, _, _ = sigma_and_vectors(
+                weight, u, v, dim, u_first, n_power_iterations, eps, training
+            )
+            if weight.dtype in _LOW_PRECISION:  # W/σ in float32, rounded once
                 w_sn.append((weight.float() / sigma).to(weight.dtype))
             else:
                 w_sn.append(weight / sigma)

@@ -106,12 +106,8 @@ def reference_power_iteration(weights, us, vs, dims, u_first, n, eps, training):
     device: u, v updated in place when training; σ = u·W v; uv = [u0, v0, u1, v1, ...]."""
     sigmas, uv = [], []
     for w, u, v, dim in zip(weights, us, vs, dims):
-        rows, cols = _rows_cols(w.shape, dim)
-        # weight_matrix cannot reshape an empty weight with rows = 0; its matrix is all zeros.
-        mat = reference.weight_matrix(w, dim) if w.numel() else w.new_zeros(rows, cols)
-        if training:
-            reference.power_iteration(mat, u, v, u_first, n, eps)
-        sigmas.append(torch.vdot(u, torch.mv(mat, v)))
+        sigma, u, v = reference.sigma_and_vectors(w, u, v, dim, u_first, n, eps, training)
+        sigmas.append(sigma)
         uv += [u.reshape(-1), v.reshape(-1)]
     return torch.stack(sigmas), torch.cat(uv)
 
