@@ -39,16 +39,17 @@ class Backend(str):
         return f"Backend({str(self)!r}, reason={self.reason!r})"
 
 
-def disabled(value: str) -> bool:
-    """Whether ``SN_CUDA_DISABLE=value`` turns the kernels off: 1/true/yes/on do, 0/false/no/off
-    and nothing do not; anything else does not either, with a warning (it would otherwise turn
-    the kernels off silently, as ``SN_CUDA_DISABLE=false`` once did)."""
-    value = value.strip().lower()
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` (``SN_CUDA_DISABLE``, the tests'
+    ``SN_CUDA_REQUIRE_EXTENSION``) is on: 1/true/yes/on are, 0/false/no/off and nothing are
+    not; anything else is not either, with a warning (a plain "is it set" test once turned the
+    kernels off for ``SN_CUDA_DISABLE=false``)."""
+    value = os.environ.get(name, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value not in ("", "0", "false", "no", "off"):
         warnings.warn(
-            f"sn_cuda: {_DISABLE_ENV}={value!r} is not understood (1 or 0): ignored",
+            f"sn_cuda: {name}={value!r} is not understood (1 or 0): ignored",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -80,46 +81,48 @@ def other_builds(package_dir: Path) -> list[str]:
     )
 
 
-def _load() -> tuple[bool, str]:
-    """Import the compiled module; return (loaded, why) without raising."""
-    if disabled(os.environ.get(_DISABLE_ENV, "")):
-        return False, f"{_DISABLE_ENV} is set: the compiled extension is ignored"
+def _load() -> tuple[str, str]:
+    """Import the compiled module without raising; return (what happened, why): "loaded",
+    "disabled" (SN_CUDA_DISABLE), "absent" (a pure-Python install) or "unusable"."""
+    if env_flag(_DISABLE_ENV):
+        return "disabled", f"{_DISABLE_ENV} is set: the compiled extension is ignored"
     try:
         spec = importlib.util.find_spec("sn_cuda._C")
         if spec is None:
             raise ModuleNotFoundError("No module named 'sn_cuda._C'", name="sn_cuda._C")
         stale = _stale(spec)
         if stale:
-            return False, stale
+            return "unusable", stale
         importlib.import_module("sn_cuda._C")
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and e.name == "sn_cuda._C":
             others = other_builds(Path(__file__).parent)
             if others:
-                return False, (
+                return "unusable", (
                     f"the compiled extension was built for another Python or platform "
                     f"({', '.join(others)}; this is {sys.implementation.cache_tag}): "
                     "reinstall sn_cuda to rebuild it"
                 )
-            return False, "the compiled extension is not installed (pure-Python install)"
+            return "absent", "the compiled extension is not installed (pure-Python install)"
         if any(s in str(e) for s in _ABI_MISMATCH):
-            return False, (
+            return "unusable", (
                 f"the compiled extension was built for another torch (this is torch "
                 f"{torch.__version__}): {e}; reinstall sn_cuda to rebuild it"
             )
-        return False, f"the compiled extension failed to load ({e}); built for another torch?"
+        return "unusable", f"the compiled extension failed to load ({e}); built for another torch?"
     except Exception as e:  # OSError: a missing shared library; errors while registering ops
-        return False, f"the compiled extension failed to load ({type(e).__name__}: {e})"
-    return True, "compiled extension loaded"
+        return "unusable", f"the compiled extension failed to load ({type(e).__name__}: {e})"
+    return "loaded", "compiled extension loaded"
 
 
 # How the loader reports a C++ symbol that this torch does not export (Linux, macOS, Windows).
 _ABI_MISMATCH = ("undefined symbol", "Symbol not found", "specified procedure could not be found")
 
-LOADED, LOAD_REASON = _load()
-_MISSING = "not installed" in LOAD_REASON
-if not LOADED and _DISABLE_ENV not in LOAD_REASON and (
-    not _MISSING or torch.version.cuda is not None or torch.version.hip is not None
+_STATE, LOAD_REASON = _load()
+LOADED = _STATE == "loaded"
+# A pure-Python install on a CPU-only torch loses nothing: no warning then.
+if _STATE == "unusable" or (
+    _STATE == "absent" and (torch.version.cuda is not None or torch.version.hip is not None)
 ):
     warnings.warn(
         f"sn_cuda: CUDA tensors take the pure-torch path: {LOAD_REASON} "

@@ -9,7 +9,6 @@ after a forced build): then a missing or broken extension fails.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -22,9 +21,9 @@ REGISTRATIONS = [(op, "CUDA", f"{op}.cu") for op in OPS] + [
     ("normalize", "Autograd[alias]", "autograd.cpp"),
     ("power_iteration", "ADInplaceOrView", "autograd.cpp"),
 ]
-REQUIRED = os.environ.get("SN_CUDA_REQUIRE_EXTENSION", "") not in ("", "0")
+REQUIRED = _extension.env_flag("SN_CUDA_REQUIRE_EXTENSION")
 BUILT = importlib.util.find_spec("sn_cuda._C") is not None
-DISABLED = _extension.disabled(os.environ.get("SN_CUDA_DISABLE", ""))
+DISABLED = _extension.env_flag("SN_CUDA_DISABLE")
 
 
 def _need_loaded_extension():
@@ -67,13 +66,18 @@ def test_backend_reports_the_extension():
         assert backend == "torch" and "no CUDA device" in backend.reason
 
 
-def test_disable_variable_values():
+def test_environment_flag_values(monkeypatch):
     for value in ("1", "true", "Yes", " on "):
-        assert _extension.disabled(value), value
+        monkeypatch.setenv("SN_CUDA_DISABLE", value)
+        assert _extension.env_flag("SN_CUDA_DISABLE"), value
     for value in ("", "0", "false", "No", "off"):
-        assert not _extension.disabled(value), value
+        monkeypatch.setenv("SN_CUDA_DISABLE", value)
+        assert not _extension.env_flag("SN_CUDA_DISABLE"), value
+    monkeypatch.delenv("SN_CUDA_DISABLE")
+    assert not _extension.env_flag("SN_CUDA_DISABLE")
+    monkeypatch.setenv("SN_CUDA_DISABLE", "maybe")
     with pytest.warns(RuntimeWarning, match="SN_CUDA_DISABLE='maybe' is not understood"):
-        assert not _extension.disabled("maybe")
+        assert not _extension.env_flag("SN_CUDA_DISABLE")
 
 
 def test_the_build_is_stamped_with_the_schemas():
