@@ -16,7 +16,7 @@ noise is visible in the spread between runs, so compare columns of one run.
 
 A second table times the bench's own suite step the same way (kernels taken out): the model's
 forward through the modules and ``sn_cuda.batch``, then the backward.
-Compare with issue 4's targets (a whole SN step of an 11-layer SNGAN D in <= 50 µs).
+Compare with the target of a whole SN step of an 11-layer SNGAN D in <= 50 µs.
 Run: ``python bench/dispatch_floor.py`` (host time: a CPU is enough).
 """
 

@@ -1,6 +1,6 @@
 // The Python module sn_cuda._C. It has no functions: importing it loads this shared library,
 // whose static initializers register the CUDA kernels of the sn_cuda ops with the dispatcher
-// (TORCH_LIBRARY_IMPL in csrc/cuda/*.cu). The op schemas are defined in sn_cuda/ops.py.
+// (TORCH_LIBRARY_IMPL in csrc/cuda/*.cu). The op schemas are sn_cuda/schemas.py's.
 // Only <Python.h> here, so this file builds in a second and never needs pybind11.
 #include <Python.h>
 

@@ -90,7 +90,7 @@ pytest_step "pytest cuda" 150 -m "cuda and not slow" --ignore=tests/test_kernels
 
 # 4. compute-sanitizer on the many-layer case, without torch's caching allocator (memcheck
 # cannot see an access past a tensor that stays inside a cached block). On the gVisor runtime
-# the sanitizer refuses the device (KINDS.md): a probe says so instead of three failed steps.
+# the sanitizer refuses the device (the device tool's notes say so): a probe says so instead of three failed steps.
 : > "$OUT/sanitizer.log"
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer")"
 SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER")
@@ -127,7 +127,7 @@ if [ -x "$SANITIZER" ]; then
 fi
 
 # 7. This machine's host: what the op boundary costs around the kernels (bench/RESULTS.md has
-# the CPU machine's numbers; issue 4's targets depend on it).
+# the CPU machine's numbers; the host-time targets depend on it).
 step "host floor" 90 "$OUT/bench.log" "$PYTHON" bench/dispatch_floor.py
 grep -E '^\| (1|11|64|sngan_cifar_resnet_d|many_small) \|' "$OUT/bench.log" | sed 's/^/    /' >> "$SUMMARY"
 

@@ -6,6 +6,8 @@
     sn_cuda.batch(model)                   # all SN layers of a model in one fused call
     sn_cuda.apply(model)                   # SN on every Conv/Linear/Embedding, batched
     sn_cuda.sigmas(model)                  # {layer: sigma of the last forward}
+    sn_cuda.SpectralPenalty(model)         # sum of sigma^2 over a model's weights, as a loss
+    sn_cuda.conv_spectral_norm(conv, input_shape=...)  # by the convolution's operator norm
     sn_cuda.backend()                      # "cuda" or "torch", and .reason
 """
 

@@ -92,7 +92,7 @@ class ConvSpectralNorm(torch.nn.Module):
         shape = _spatial_shape(input_shape, spatial)
         if shape is None:
             raise ValueError(
-                f"input_shape must hold {spatial} positive ints (the spatial size of one input of "
+                f"conv_spectral_norm: input_shape must hold {spatial} positive ints (the spatial size of one input of "
                 f"{type(module).__name__}), got {input_shape!r}"
             )
 
@@ -150,7 +150,7 @@ class ConvSpectralNorm(torch.nn.Module):
         out = self._output_size(kernel)
         if min(out) < 1:
             raise ValueError(
-                f"input_shape {self.input_shape} is too small for this {kind}: "
+                f"conv_spectral_norm: input_shape {self.input_shape} is too small for this {kind}: "
                 f"its output would have spatial shape {out}"
             )
 

@@ -199,7 +199,7 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_errors_are_torchs_and_leave_the_module_alone(case):
     build, kwargs = ERROR_CASES[case]
-    errors, modules = [], []
+    errors = []
     for fn in (torch.nn.utils.parametrizations.spectral_norm, sn_cuda.spectral_norm):
         torch.manual_seed(0)
         m = build()

@@ -9,7 +9,7 @@
 //     matrix u v^T is never formed.
 //
 // G = dL/d(W/sigma), g = dL/dsigma (optional), u, v the snapshot sigma used (uv). All in the
-// accumulation type, rounded to G's dtype at the end. The schema is defined in sn_cuda/ops.py.
+// accumulation type, rounded to G's dtype at the end. The schema is in sn_cuda/schemas.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -11,8 +11,8 @@
 //
 // Parametrization order (u_first): A then B, sigma = |t|^2 / max(|t|, eps) (= u . W v with
 // the new u, v). Hook order: B then A, sigma = |s|^2 / max(|s|, eps). So training never reads
-// W a third time. The schema is defined in Python (sn_cuda/ops.py); this file only adds the
-// CUDA kernel.
+// W a third time. The schema is defined in Python (sn_cuda/schemas.py); this file only adds
+// the CUDA kernel.
 //
 // The vectors live in the accumulation type between launches: each normalization writes the
 // packed uv output (float32 for float16/bfloat16 weights) and, rounded, the u or v buffer; the
