@@ -13,7 +13,8 @@
 
 from . import legacy, ops, reference
 from ._extension import backend
-from .batch import apply, batch, sigmas
+from .batch import apply, batch
+from .layers import sigmas
 from .parametrization import spectral_norm
 from .patch import patch_torch
 from .penalty import SpectralPenalty

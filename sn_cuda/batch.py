@@ -60,29 +60,21 @@ gathered only in its own module's forward): each computes its own weight there, 
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import warnings
 import weakref
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _SpectralNorm as _TorchParamSN
 from torch.nn.utils.parametrize import ParametrizationList
 
 from . import legacy, ops, parametrization
 from ._checks import check_module, check_power_iteration_settings
-from .conv_norm import ConvSpectralNorm
+from .layers import SpectralNormLayer, has_spectral_norm, select_modules, spectral_norm_layers
 
-__all__ = [
-    "batch", "apply", "sigmas", "BatchHandle", "batch_owner", "spectral_norm_layers", "weight_source",
-]
+__all__ = ["batch", "apply", "BatchHandle", "batch_owner"]
 
-_TorchHookSN = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
-_SN_PARAMETRIZATIONS = (_TorchParamSN, ConvSpectralNorm)
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -106,61 +98,7 @@ class _StagedParametrizations(ParametrizationList):
         return super().__call__(*args, **kwargs)
 
 
-class _Layer:
-    """One spectral-normalized tensor: where its weight, u, v live and which object computes it."""
-
-    __slots__ = ("name", "module", "sn", "param_flavour", "plist", "tensor_name", "torch_class",
-                 "plist_class", "params", "wkey", "buffers", "ukey", "vkey", "mode",
-                 "registry", "registry_key", "registered")
-
-    def __init__(self, name, module, sn, param_flavour, plist=None, tensor_name=None, hook_id=None):
-        self.name = name  # qualified name, "" for the root
-        self.module = module  # the module that owns the weight
-        self.sn = sn  # parametrization module or legacy hook
-        self.param_flavour = param_flavour
-        self.plist = plist  # ParametrizationList (parametrization flavour)
-        self.tensor_name = tensor_name  # its key in module.parametrizations
-        self.torch_class = None  # class to restore on remove(), when torch's
-        self.plist_class = None  # the ParametrizationList's class, to restore on remove()
-        # Where the hot path finds weight, u and v: the modules' own dicts (they stay the
-        # same objects through .to(), load_state_dict and optimizer steps), and the keys.
-        # And where it can tell that the spectral norm is still the module's: removal takes
-        # ``registry[registry_key]`` away, and applying it again puts another object there.
-        if param_flavour:
-            self.params, self.wkey = plist._parameters, "original"
-            self.buffers, self.ukey, self.vkey = sn._buffers, "_u", "_v"
-            self.mode = sn  # train()/eval() reach the parametrization module
-            self.registry, self.registry_key = module.parametrizations._modules, tensor_name
-            self.registered = plist
-        else:
-            self.params, self.wkey = module._parameters, sn.name + "_orig"
-            self.buffers, self.ukey, self.vkey = module._buffers, sn.name + "_u", sn.name + "_v"
-            self.mode = module  # the hook iterates when its module is training
-            self.registry, self.registry_key = module._forward_pre_hooks, hook_id
-            self.registered = sn
-
-
-def spectral_norm_layers(model: nn.Module) -> Iterator[_Layer]:
-    """Every spectral-normalized tensor under ``model`` (torch's or sn_cuda's, both flavours)."""
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, _TorchParamSN):
-                        yield _Layer(_join(name, tensor_name), module, p, True, plist, tensor_name)
-        for hook_id, hook in module._forward_pre_hooks.items():
-            if isinstance(hook, _TorchHookSN):
-                yield _Layer(_join(name, hook.name), module, hook, False, hook_id=hook_id)
-
-
-def _join(module_name: str, tensor_name: str) -> str:
-    # "conv1" for conv1.weight (the usual case), "conv1.other" for another tensor.
-    if tensor_name == "weight":
-        return module_name
-    return f"{module_name}.{tensor_name}" if module_name else tensor_name
-
-
-def _batchable(layer: _Layer) -> bool:
+def _batchable(layer: SpectralNormLayer) -> bool:
     if layer.param_flavour and "_u" not in layer.sn._buffers:
         return False  # a 1-D weight: torch's parametrization keeps no vectors for it
     weight = layer.params.get(layer.wkey)  # None: not a parameter (FSDP1, prune), per layer
@@ -246,14 +184,17 @@ class BatchHandle:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = ([], [], [], [], [])
-            group[0].append(weight)
-            group[1].append(layer.buffers[layer.ukey])
-            group[2].append(layer.buffers[layer.vkey])
-            group[3].append(sn.dim)
-            group[4].append(layer)
+            ws, us, vs, dims, members = group
+            ws.append(weight)
+            us.append(layer.buffers[layer.ukey])
+            vs.append(layer.buffers[layer.vkey])
+            dims.append(sn.dim)
+            members.append(layer)
         record = not ops.in_functorch_transform()  # as ops.record_sigma, asked once
         for (_, _, training, param_flavour, n_iter, eps), (ws, us, vs, dims, layers) in groups.items():
-            w_sn, sig = ops.spectral_norm(ws, us, vs, dims, param_flavour, n_iter, eps, training)
+            # The parametrization flavour updates u first, the hook flavour v first.
+            u_first = param_flavour
+            w_sn, sig = ops.spectral_norm(ws, us, vs, dims, u_first, n_iter, eps, training)
             sig = sig.detach()
             # Straight into the instance dicts: nn.Module.__setattr__ costs ~2 µs a call, per layer.
             # (Each __dict__ read from its module here, not kept: torch.compile tracks writes
@@ -310,22 +251,6 @@ class BatchHandle:
         return f"BatchHandle({len(self.layers)} layers of {type(self.model).__name__})"
 
 
-def weight_source(module: nn.Module) -> str:
-    """Where ``module``'s raw weight is: ``"original"`` when ``module.weight`` is parametrized
-    by a spectral norm (torch's, sn_cuda's, or ``conv_spectral_norm``),
-    ``"weight_orig"`` under a legacy spectral-norm hook, ``"weight"`` otherwise (under no
-    spectral norm, possibly under another parametrization). Direct dict reads: called for every
-    layer on every ``SpectralPenalty`` call."""
-    plists = module._modules.get("parametrizations")
-    plist = None if plists is None else plists._modules.get("weight")
-    if plist is not None:
-        return "original" if any(isinstance(p, _SN_PARAMETRIZATIONS) for p in plist) else "weight"
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, _TorchHookSN) and hook.name == "weight":
-            return "weight_orig"
-    return "weight"
-
-
 def batch(model: nn.Module) -> BatchHandle:
     """Compute every spectral-normalized layer under ``model`` in one fused call per forward.
 
@@ -350,39 +275,6 @@ def batch(model: nn.Module) -> BatchHandle:
     return handle
 
 
-# Module types whose weight sn_cuda.apply normalizes by default.
-DEFAULT_TYPES = (
-    nn.Linear, nn.Embedding,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
-
-
-def module_filter(spec, argname: str, caller: str):
-    """include/exclude of ``apply`` and ``SpectralPenalty``: None, a module type, an fnmatch
-    pattern on the qualified module name, or an iterable of those -> a predicate (or None).
-    ``caller`` and ``argname`` name the argument in the error for anything else."""
-    if spec is None:
-        return None
-    try:
-        items = [spec] if isinstance(spec, (str, type)) else list(spec)
-    except TypeError:  # not iterable: a module instance, a number
-        items = [spec]
-    for item in items:
-        if not isinstance(item, (str, type)):
-            raise TypeError(
-                f"{caller}: {argname} must hold module types or name patterns (str), "
-                f"got {type(item).__name__}"
-            )
-    types = tuple(i for i in items if isinstance(i, type))
-    patterns = [i for i in items if isinstance(i, str)]
-
-    def matches(name: str, module: nn.Module) -> bool:
-        return isinstance(module, types) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    return matches
-
-
 def apply(
     model: nn.Module,
     n_power_iterations: int = 1,
@@ -400,26 +292,13 @@ def apply(
     """
     check_module("apply(model)", model)
     check_power_iteration_settings("apply()", n_power_iterations, eps)
-    included = module_filter(DEFAULT_TYPES if include is None else include, "include", "apply()")
-    excluded = module_filter(exclude, "exclude", "apply()")
     already = {id(l.module) for l in spectral_norm_layers(model)}
-    chosen = []
-    for name, module in model.named_modules():
-        if id(module) in already or weight_source(module) != "weight":
-            continue  # spectral norm already (also conv_spectral_norm's)
-        if not included(name, module):
-            continue
-        if excluded is not None and excluded(name, module):
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"apply(): module '{name}' has an uninitialized weight (a lazy module); run a "
-                "forward pass first"
-            )
-        chosen.append(module)
+    chosen = [
+        module for _, module in select_modules(model, include, exclude, "apply()")
+        # Not those with a spectral norm already (also conv_spectral_norm's), nor weightless.
+        if id(module) not in already and not has_spectral_norm(module)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    ]
     # Registration checks everything torch checks; on a failure, undo what was done.
     done = []
     try:
@@ -437,31 +316,3 @@ def apply(
         raise
 
 
-def sigmas(model: nn.Module) -> dict[str, float]:
-    """{qualified layer name: σ used by its last forward}, for every spectral-normalized layer
-    under ``model`` computed by sn_cuda (per layer or batched; conv_spectral_norm's σ of the
-    convolution too). Costs no pass over a weight: the values come from the last forward
-    (layers not run yet are left out)."""
-    out, cache = {}, {}
-    for name, sn in _sigma_sources(model):
-        last = getattr(sn, "last_sigma", None)
-        if last is None:
-            continue
-        tensor, i = last
-        values = cache.get(id(tensor))
-        if values is None:  # one device-to-host copy per fused call, not per layer
-            values = cache[id(tensor)] = tensor.double().tolist()
-        out[name] = values[i]
-    return out
-
-
-def _sigma_sources(model: nn.Module) -> Iterator[tuple[str, object]]:
-    """(layer name, object keeping its last σ): the spectral norms, and conv_spectral_norm's."""
-    for layer in spectral_norm_layers(model):
-        yield layer.name, layer.sn
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, ConvSpectralNorm):
-                        yield _join(name, tensor_name), p

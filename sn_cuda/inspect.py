@@ -39,6 +39,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .layers import layer_name
+from .reference import weight_matrix
+
 __all__ = [
     "LayerReport", "InspectError", "load_state_dict", "find_layers", "add_exact", "format_table", "main",
 ]
@@ -115,9 +118,7 @@ def load_state_dict(path: str, trust: bool = False) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- analysis
 def _matrix(weight: Tensor, dim: int) -> Tensor:
-    w = weight.detach().to(torch.complex128 if weight.is_complex() else torch.float64)
-    w = w.movedim(dim, 0)
-    return w.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: an empty weight has 0 rows
+    return weight_matrix(weight.detach().to(torch.complex128 if weight.is_complex() else torch.float64), dim)
 
 
 def _estimate(weight: Tensor, u: Tensor, v: Tensor) -> tuple[int, float, bool] | None:
@@ -158,10 +159,7 @@ _PAIR_RESIDUAL = 1e-2
 
 
 def _display_name(prefix: str | None, tensor: str) -> str:
-    name = prefix or ""
-    if tensor != "weight":
-        name = f"{name}.{tensor}" if name else tensor
-    return name or "(root)"
+    return layer_name(prefix or "", tensor) or "(root)"  # the names sn_cuda.sigmas gives
 
 
 def _report(name: str, flavour: str, weight: Tensor, u: Tensor | None, v: Tensor | None) -> LayerReport:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from ._checks import check_module, check_power_iteration_settings
-from .batch import DEFAULT_TYPES, module_filter, weight_source
+from .layers import raw_weight, select_modules
 from .parametrization import default_dim
 
 __all__ = ["SpectralPenalty"]
@@ -35,24 +35,17 @@ __all__ = ["SpectralPenalty"]
 Selector = Union[str, type, Iterable[Union[str, type]], None]
 
 
-class _Layer(NamedTuple):
+class _PenalizedWeight(NamedTuple):
     name: str  # qualified name in the model
     module: nn.Module
     dim: int  # the matrix view's row dim (1 for ConvTranspose)
     holder: nn.Module  # the submodule of SpectralPenalty.vectors holding weight_u, weight_v
 
     def weight(self) -> Tensor | None:
-        return _fetch_weight(self.module)
-
-
-def _fetch_weight(module: nn.Module) -> Tensor | None:
-    """The tensor penalized: the raw weight under a spectral norm, else ``module.weight``.
-    Looked up at every call: moving or reloading the model may replace the tensors, and a
-    spectral norm added to a layer after the penalty was made is seen."""
-    source = weight_source(module)
-    if source == "original":
-        return module.parametrizations.weight.original
-    return getattr(module, source, None)
+        """The tensor penalized: the raw weight under a spectral norm, else ``module.weight``.
+        Looked up at every call: moving or reloading the model may replace the tensors, and a
+        spectral norm added to a layer after the penalty was made is seen."""
+        return raw_weight(self.module)
 
 
 class SpectralPenalty(nn.Module):
@@ -89,25 +82,17 @@ class SpectralPenalty(nn.Module):
         super().__init__()
         check_module("SpectralPenalty(model)", model)
         check_power_iteration_settings("SpectralPenalty", n_power_iterations, eps)
-        included = module_filter(DEFAULT_TYPES if include is None else include, "include", "SpectralPenalty")
-        excluded = module_filter(exclude, "exclude", "SpectralPenalty")
+        chosen = select_modules(model, include, exclude, "SpectralPenalty")
         # Kept out of nn.Module.__setattr__: as a child, the model's parameters would join
         # the penalty's state_dict, parameters() and .to().
         self.__dict__["_model"] = model
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         self.vectors = nn.Module()
-        self._layers: list[_Layer] = []
+        self._layers: list[_PenalizedWeight] = []
         selected: set[int] = set()
-        for name, module in model.named_modules():
-            if not included(name, module) or (excluded is not None and excluded(name, module)):
-                continue
-            weight = _fetch_weight(module)
-            if isinstance(weight, nn.parameter.UninitializedParameter):
-                raise ValueError(
-                    f"SpectralPenalty: layer '{name}' has an uninitialized weight (a lazy module); "
-                    "run a forward pass first"
-                )
+        for name, module in chosen:
+            weight = raw_weight(module)
             if not isinstance(weight, Tensor) or weight.ndim < 2:
                 continue  # e.g. a norm layer matched by a name pattern
             if not weight.is_floating_point():
@@ -124,7 +109,7 @@ class SpectralPenalty(nn.Module):
             holder = self._holder(name)
             holder.register_buffer("weight_u", u)
             holder.register_buffer("weight_v", v)
-            self._layers.append(_Layer(name, module, dim, holder))
+            self._layers.append(_PenalizedWeight(name, module, dim, holder))
         if not self._layers:
             raise ValueError(
                 "SpectralPenalty: no weight of 2 or more dims selected in "

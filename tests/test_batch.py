@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import sn_cuda
 from sn_cuda import ops
-from sn_cuda.batch import spectral_norm_layers
+from sn_cuda.layers import spectral_norm_layers
 
 
 class Block(nn.Module):

@@ -23,7 +23,8 @@ from torch import nn
 
 import sn_cuda
 import sn_cuda.legacy
-from sn_cuda.batch import batch_owner, spectral_norm_layers
+from sn_cuda.batch import batch_owner
+from sn_cuda.layers import spectral_norm_layers
 
 TorchHook = importlib.import_module("torch.nn.utils.spectral_norm").SpectralNorm
 
