@@ -4,8 +4,10 @@ SN_CUDA_BUILD selects the extension build:
   unset / "auto"  build it when torch has CUDA and a CUDA toolkit is found, else skip quietly
   "1"             build it, and fail loudly if it cannot be built
   "0"             never build it (pure-Python package: the torch reference path)
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200); the kernels need sm_70 or newer
-and CUDA >= 12.1 (toolkit and driver). SN_CUDA_DEBUG=1 adds -G -lineinfo.
+TORCH_CUDA_ARCH_LIST defaults to "7.5;8.0;9.0+PTX" ("7.0;..." with CUDA 12: CUDA 13 has no sm_70):
+machine code for Volta/Turing (V100, T4), Ampere/Ada (A100, L4, RTX 30xx/40xx), Hopper (H100/H200),
+and Hopper's PTX, which the driver compiles at first use for newer GPUs (Blackwell). The kernels
+need sm_70 or newer and CUDA >= 12.1 (toolkit and driver). SN_CUDA_DEBUG=1 adds -G -lineinfo.
 The extension needs no GPU to compile: CI builds it on CPU-only machines.
 """
 
@@ -63,7 +65,10 @@ def _extensions():
             raise RuntimeError(f"SN_CUDA_BUILD=1 but the CUDA extension cannot be built: {why_not}")
         print(f"sn_cuda: building the pure-Python package only ({why_not})", file=sys.stderr)
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Machine code runs on its own major version only (sm_80's on 8.6 and 8.9): without PTX a
+    # newer GPU (sm_100, sm_120) would load the module and fail every launch.
+    oldest = "7.5" if int(torch.version.cuda.split(".")[0]) >= 13 else "7.0"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{oldest};8.0;9.0+PTX")
     debug = os.environ.get("SN_CUDA_DEBUG", "0") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No -std flag: torch's cpp_extension adds the C++ standard that its own headers need

@@ -90,8 +90,9 @@ struct LayerTable {
 constexpr int kSmallTable = 16;
 constexpr int kMediumTable = 64;
 constexpr int kTableCapacity = 128;
-// Kernel parameters may take 32764 bytes (CUDA >= 12.1, sm_70 and newer); every kernel's
-// other parameters fit in the 256 bytes left.
+// Kernel parameters may take 32764 bytes (CUDA >= 12.1, sm_70 and newer; the driver too: an
+// older one refuses the launch of a chunk over 4 KB, 16 or more layers); every kernel's other
+// parameters fit in the 256 bytes left.
 static_assert(sizeof(LayerTable<PowerLayer, kTableCapacity>) + 256 <= 32764, "table too big");
 static_assert(sizeof(LayerTable<ElementLayer, kTableCapacity>) + 256 <= 32764, "table too big");
 #if defined(__CUDACC__) && \

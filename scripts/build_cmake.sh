@@ -2,7 +2,7 @@
 # Configure and build the CUDA extension with CMake (CMakeLists.txt) into build/cmake, against
 # the torch installed for `python` (or $PYTHON), then checks that the module registers its
 # kernels. CI runs it so that the CMake build cannot rot. Honours
-# CUDA_HOME, MAX_JOBS and TORCH_CUDA_ARCH_LIST (default "8.0;9.0", as setup.py).
+# CUDA_HOME, MAX_JOBS and TORCH_CUDA_ARCH_LIST (default "7.5;8.0;9.0+PTX", as setup.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
