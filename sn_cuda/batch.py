@@ -71,6 +71,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from . import legacy, ops, parametrization
 from ._checks import check_module, check_power_iteration_settings
+from ._staged import Staged
 from .layers import SpectralNormLayer, has_spectral_norm, select_modules, spectral_norm_layers
 
 __all__ = ["batch", "apply", "BatchHandle", "batch_owner"]
@@ -81,12 +82,9 @@ except ImportError:  # torch built without distributed
     _DTensor = ()  # isinstance(x, ()) is False
 
 
-class _StagedParametrizations(ParametrizationList):
+class _StagedParametrizations(Staged, ParametrizationList):
     """A ParametrizationList that returns the weight staged by ``sn_cuda.batch`` when spectral
     norm is its only parametrization (a chain still runs, its spectral norm staged)."""
-
-    _staged = None
-    __getstate__ = parametrization.state_without_staged
 
     def _get_name(self) -> str:
         return "ParametrizationList"  # the repr of a batched model: the same as before batch()

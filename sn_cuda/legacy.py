@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.nn.utils.spectral_norm import remove_spectral_norm
 
 from . import ops
-from .parametrization import default_dim, state_without_staged
+from ._staged import Staged
+from .reference import default_dim
 
 _module_setattr = torch.nn.Module.__setattr__
 
@@ -28,15 +29,12 @@ _torch_sn = importlib.import_module("torch.nn.utils.spectral_norm")
 __all__ = ["SpectralNorm", "spectral_norm", "remove_spectral_norm"]
 
 
-class SpectralNorm(_torch_sn.SpectralNorm):
+class SpectralNorm(Staged, _torch_sn.SpectralNorm):
     """torch's legacy spectral-norm hook whose weight computation runs on sn_cuda's ops.
 
     ``remove_spectral_norm`` is torch's own: it finds this hook as a ``SpectralNorm``.
     """
 
-    last_sigma: tuple[Tensor, int] | None = None
-    # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
-    _staged: Tensor | None = None
     # A weak reference to the W/σ this hook last set as ``module.<name>``, for __deepcopy__.
     _set_weight: weakref.ref | None = None
 
@@ -74,7 +72,7 @@ class SpectralNorm(_torch_sn.SpectralNorm):
     def __getstate__(self):
         # Not carried over: the weak reference to the original's tensor (not picklable, and
         # meaningless in a copy), and W/σ staged by a batched forward in progress.
-        state = state_without_staged(self)
+        state = super().__getstate__()
         state.pop("_set_weight", None)
         return state
 

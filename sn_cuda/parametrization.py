@@ -18,37 +18,19 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
 from . import ops, reference
+from ._staged import Staged
+from .reference import default_dim
 
-__all__ = ["SpectralNorm", "spectral_norm", "TRANSPOSED_CONVS", "default_dim"]
-
-# Modules whose weight is laid out (in, out, ...): power iteration runs on dim 1, as in torch.
-TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-
-
-def default_dim(module: torch.nn.Module) -> int:
-    return 1 if isinstance(module, TRANSPOSED_CONVS) else 0
+__all__ = ["SpectralNorm", "spectral_norm"]
 
 
-def state_without_staged(self) -> dict:
-    """``__getstate__`` of the objects ``sn_cuda.batch`` stages W/σ on: a copy taken during a
-    batched forward (from a forward hook) leaves out that W/σ, a non-leaf that deepcopy refuses
-    and that belongs to the original's forward."""
-    state = self.__dict__.copy()
-    state.pop("_staged", None)
-    return state
-
-
-class SpectralNorm(_TorchSpectralNorm):
+class SpectralNorm(Staged, _TorchSpectralNorm):
     """torch's spectral-norm parametrization whose forward runs on sn_cuda's ops.
 
-    ``last_sigma`` holds σ of the last forward as ``(tensor, index)``: read through
-    ``sn_cuda.sigmas(model)``, which costs no extra pass over the weight. ``_staged`` is the
-    hand-off from ``sn_cuda.batch``.
+    ``last_sigma`` holds σ of the last forward (``sn_cuda.sigmas(model)`` reads it, at no
+    extra pass over the weight); ``_staged`` is the hand-off from ``sn_cuda.batch``
+    (``sn_cuda/_staged.py``).
     """
-
-    last_sigma: tuple[Tensor, int] | None = None
-    # Set by sn_cuda.batch while the root's forward runs: W/σ computed by the fused call.
-    _staged: Tensor | None = None
 
     def _get_name(self) -> str:
         return "_SpectralNorm"  # what the module's repr prints: torch's, as printed models compare
@@ -62,8 +44,6 @@ class SpectralNorm(_TorchSpectralNorm):
             reference.power_iteration(
                 weight_mat, self._u, self._v, True, n_power_iterations, self.eps
             )
-
-    __getstate__ = state_without_staged
 
     def forward(self, weight: Tensor) -> Tensor:
         if self._staged is not None:

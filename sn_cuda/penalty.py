@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from ._checks import check_module, check_power_iteration_settings
 from .layers import raw_weight, select_modules
-from .parametrization import default_dim
+from .reference import default_dim
 
 __all__ = ["SpectralPenalty"]
 

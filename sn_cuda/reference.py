@@ -41,6 +41,15 @@ __all__ = [
 ]
 
 
+# Modules whose weight is laid out (in, out, ...): power iteration runs on dim 1, as in torch.
+TRANSPOSED_CONVS = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def default_dim(module: torch.nn.Module) -> int:
+    """The dim of ``module.weight`` whose size is the matrix view's rows, as torch picks it."""
+    return 1 if isinstance(module, TRANSPOSED_CONVS) else 0
+
+
 def weight_matrix(weight: Tensor, dim: int) -> Tensor:
     """``weight`` as the (shape[dim], numel // shape[dim]) matrix power iteration runs on.
 

@@ -20,7 +20,7 @@ from sn_cuda.bench import cli, methods, report, suites
 from sn_cuda.bench.run import backward_into, prepare_suite_step, suite_grads
 from sn_cuda.bench.sngan import ResDiscriminator32, make_train_step, sn_layers
 from sn_cuda.bench.timing import measure
-from sn_cuda.parametrization import default_dim
+from sn_cuda.reference import default_dim
 
 CPU = torch.device("cpu")
 
