@@ -160,14 +160,15 @@ def _same_layout(t, dtype):
     return out
 
 
-def make_layers(layers, dtype, device, seed=0, layout="contiguous"):
-    """weights, us, vs, dims: random weights and unit vectors in the weight dtype, u = W v / |W v|
-    as after a power iteration (so that σ = u·W v is far from 0, also in eval mode)."""
+def make_layers(layers, dtype, device, seed=0, layout="contiguous", scale=1.0):
+    """weights, us, vs, dims: random weights (times ``scale``) and unit vectors in the weight
+    dtype, u = W v / |W v| as after a power iteration (so that σ = u·W v is far from 0, also in
+    eval mode)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     weights, us, vs, dims = [], [], [], []
     for shape, dim in layers:
         rows, cols = _rows_cols(shape, dim)
-        w = make_tensor(shape, dtype, device, gen, layout)
+        w = make_tensor(shape, dtype, device, gen, layout).mul_(scale)
         u = make_tensor((rows,), dtype, device, gen, layout, unit=True)
         v = make_tensor((cols,), dtype, device, gen, layout, unit=True)
         if w.numel():
@@ -204,13 +205,14 @@ def run_and_check(
     device="cuda",
     seed=0,
     grad_sigmas=True,
+    scale=1.0,
     ops: Ops = OPS,
 ):
     """One power_iteration, normalize and normalize_backward call over all `layers`, each
     output compared with the float64 reference of the same inputs. Returns the outputs."""
     tol = TOL[dtype]
     acc = acc_dtype(dtype)
-    weights, us, vs, dims = make_layers(layers, dtype, device, seed, layout)
+    weights, us, vs, dims = make_layers(layers, dtype, device, seed, layout, scale)
     shapes = [w.shape for w in weights]
     us0, vs0 = [u.clone() for u in us], [v.clone() for v in vs]
 
@@ -319,6 +321,23 @@ def test_model_shapes_half(dtype):
 @pytest.mark.parametrize("grad_sigmas", [False, True])
 def test_without_grad_sigmas(grad_sigmas):
     run_and_check(ODD_LAYERS, torch.float32, grad_sigmas=grad_sigmas)
+
+
+# Weights so small that |W v| < eps: u, v are then not unit vectors and σ = u·W v is 1e-25 to
+# 1e-33, where torch's float32 σ is still within 2e-7 of float64's but a σ taken as
+# |x|²/max(|x|, eps) is not (|x|² below float32's normal range, or 0: W/σ = inf). The hook
+# order shrinks σ further than the parametrization order: a larger scale keeps G/σ finite.
+# (More iterations, or smaller weights, take σ or G/σ out of float32's range in torch too.)
+TINY = [((40, 3), 0), ((3, 40), 0), ((16, 8, 3, 3), 0)]
+TINY_CASES = {"train-param": ((True, 1, True), 1e-17), "train-hook": ((True, 1, False), 1e-16)}
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mode, scale", list(TINY_CASES.values()), ids=list(TINY_CASES))
+def test_tiny_weights(mode, scale):
+    training, n_iter, u_first = mode
+    run_and_check(TINY, torch.float32, training=training, n_iter=n_iter, u_first=u_first, scale=scale)
 
 
 # Layer tables are kernel parameters (csrc/layer_table.h): a call of up to 16 layers takes the

@@ -82,6 +82,11 @@ def test_without_grad_sigmas(emulated, grad_sigmas):
     check(emulated, LAYERS, grad_sigmas=grad_sigmas)
 
 
+@pytest.mark.parametrize("mode, scale", list(K.TINY_CASES.values()), ids=list(K.TINY_CASES))
+def test_tiny_weights(emulated, mode, scale):
+    check(emulated, K.TINY, mode=mode, scale=scale)
+
+
 def test_zero_iterations_in_training_is_eval(emulated):
     check(emulated, LAYERS, mode=(True, 0, True))
 

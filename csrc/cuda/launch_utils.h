@@ -51,6 +51,36 @@ inline bool numbered_from_zero(const PowerLayer& first) {
 }
 inline bool numbered_from_zero(const ElementLayer& first) { return first.begin == 0; }
 
+// The layer table of an elementwise op (normalize, normalize_backward), built layer by layer:
+// items numbered from each chunk's first layer, the packed uv's offsets, and whether the
+// layer's tensors allow 16-byte accesses. (power_iteration.cu's PowerPlan is its twin.)
+struct ElementPlan {
+  std::vector<ElementLayer> layers;
+  int64_t items = 0;        // in the current chunk
+  int64_t total_items = 0;  // over all chunks: the backward's partials
+  int64_t uv_elems = 0;     // rows + cols over all layers: the packed uv's length
+
+  // `in2` may be null (normalize reads one tensor); `elem` is the element size in bytes.
+  void add(const void* in, const void* in2, void* out, int64_t numel, int elem, MatrixView m) {
+    if (starts_chunk(layers.size())) items = 0;
+    ElementLayer L{};
+    L.in = in;
+    L.in2 = in2;
+    L.out = out;
+    L.numel = numel;
+    L.begin = items;
+    L.items = std::max<int64_t>(1, ceil_div(numel, elementwise_item_elems(elem)));
+    items += L.items;
+    total_items += L.items;
+    L.rows = m.rows;
+    L.post = m.post;
+    L.uv_off = uv_elems;
+    uv_elems += m.rows + m.cols;
+    L.aligned = aligned16(in) && (in2 == nullptr || aligned16(in2)) && aligned16(out);
+    layers.push_back(L);
+  }
+};
+
 // Calls launch(table, first, count) for each chunk of the call's layers, in layer order, with
 // the smallest LayerTable that holds the chunk. `launch` is a generic lambda: it reads the
 // table's capacity from its type (std::decay_t<decltype(table)>::kCapacity) to pick the kernel.

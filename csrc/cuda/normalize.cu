@@ -75,44 +75,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
   check_list(op, weights, "weights", device, dtype);
   const std::vector<int64_t> wrapped = checked_dims(op, weights, dims, "weights");
   check_acc_vector(op, sigmas, "sigmas", n, device, acc);
-  int64_t uv_elems = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const MatrixView m = matrix_view(weights[i].sizes(), wrapped[i]);
-    uv_elems += m.rows + m.cols;
-  }
-  check_acc_vector(op, uv, "uv", uv_elems, device, acc);  // unused here; the backward's input
   c10::DeviceGuard guard(device);
 
   const at::Tensor sig = sigmas.contiguous();
   // A non-contiguous weight is made contiguous first (the flat loop reads contiguous storage);
   // a contiguous one, at any storage offset, is read in place (vector loads only if aligned).
   std::vector<at::Tensor> inputs, outputs;
-  std::vector<ElementLayer> table(n);
+  ElementPlan plan;
   const int elem = static_cast<int>(c10::elementSize(dtype));
-  int64_t items = 0;  // in the layer's chunk
   for (int64_t i = 0; i < n; ++i) {
-    if (starts_chunk(i)) items = 0;
     inputs.push_back(weights[i].contiguous());
     outputs.push_back(at::empty(weights[i].sizes(), weights[i].options()));
-    ElementLayer& L = table[i];
-    L.in = inputs.back().const_data_ptr();
-    L.in2 = nullptr;
-    L.out = outputs.back().mutable_data_ptr();
-    L.numel = weights[i].numel();
-    L.begin = items;
-    L.items = std::max<int64_t>(1, ceil_div(L.numel, elementwise_item_elems(elem)));
-    items += L.items;
-    const MatrixView m = matrix_view(weights[i].sizes(), wrapped[i]);
-    L.rows = m.rows;
-    L.post = m.post;
-    L.uv_off = 0;
-    L.aligned = aligned16(L.in) && aligned16(L.out);
+    plan.add(inputs.back().const_data_ptr(), nullptr, outputs.back().mutable_data_ptr(),
+        weights[i].numel(), elem, matrix_view(weights[i].sizes(), wrapped[i]));
   }
+  check_acc_vector(op, uv, "uv", plan.uv_elems, device, acc);  // unused here; the backward's input
   at::Tensor sigmas_out = at::empty({n}, sig.options());
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sn_cuda::normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for_each_chunk(table, [&](const auto& chunk, size_t first, size_t count) {
+    for_each_chunk(plan.layers, [&](const auto& chunk, size_t first, size_t count) {
       constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
       const ElementLayer& last = chunk.layer[count - 1];
       const int64_t chunk_items = last.begin + last.items;

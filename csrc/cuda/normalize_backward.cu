@@ -177,34 +177,21 @@ std::vector<at::Tensor> normalize_backward_cuda(
   // Non-contiguous inputs (an expanded gradient from .sum(), say) are made contiguous first:
   // the flat loop reads contiguous storage, at any storage offset.
   std::vector<at::Tensor> gs, ws, outputs;
-  std::vector<ElementLayer> table(n);
+  ElementPlan plan;
   const int elem = static_cast<int>(c10::elementSize(dtype));
-  int64_t items = 0, total_items = 0, uv_elems = 0;  // items: in the layer's chunk
   for (int64_t i = 0; i < n; ++i) {
-    if (starts_chunk(i)) items = 0;
     TORCH_CHECK(
         grads[i].sizes() == w_sn[i].sizes(), op, ": grads[", i, "] has shape ", grads[i].sizes(),
         " but w_sn[", i, "] has shape ", w_sn[i].sizes());
     gs.push_back(grads[i].contiguous());
     ws.push_back(w_sn[i].contiguous());
     outputs.push_back(at::empty(w_sn[i].sizes(), grads[i].options()));
-    const MatrixView m = matrix_view(w_sn[i].sizes(), wrapped[i]);
-    ElementLayer& L = table[i];
-    L.in = gs.back().const_data_ptr();
-    L.in2 = ws.back().const_data_ptr();
-    L.out = outputs.back().mutable_data_ptr();
-    L.numel = w_sn[i].numel();
-    L.begin = items;
-    L.items = std::max<int64_t>(1, ceil_div(L.numel, elementwise_item_elems(elem)));
-    items += L.items;
-    total_items += L.items;
-    L.rows = m.rows;
-    L.post = m.post;
-    L.uv_off = uv_elems;
-    uv_elems += m.rows + m.cols;
-    L.aligned = aligned16(L.in) && aligned16(L.in2) && aligned16(L.out);
+    plan.add(gs.back().const_data_ptr(), ws.back().const_data_ptr(),
+        outputs.back().mutable_data_ptr(), w_sn[i].numel(), elem,
+        matrix_view(w_sn[i].sizes(), wrapped[i]));
   }
-  check_acc_vector(op, uv, "uv", uv_elems, device, acc);
+  const int64_t total_items = plan.total_items;
+  check_acc_vector(op, uv, "uv", plan.uv_elems, device, acc);
   const at::Tensor sig = sigmas.contiguous();
   const at::Tensor uvc = uv.contiguous();
   const at::Tensor gsig = has_grad_sigmas ? grad_sigmas->contiguous() : at::Tensor();
@@ -220,7 +207,7 @@ std::vector<at::Tensor> normalize_backward_cuda(
     acc_t* coefs = partials + total_items;
     const acc_t* sp = sig.const_data_ptr<acc_t>();
     const acc_t* gsp = has_grad_sigmas ? gsig.const_data_ptr<acc_t>() : nullptr;
-    for_each_chunk(table, [&](const auto& chunk, size_t first, size_t count) {
+    for_each_chunk(plan.layers, [&](const auto& chunk, size_t first, size_t count) {
       constexpr int cap = std::decay_t<decltype(chunk)>::kCapacity;
       const ElementLayer& last = chunk.layer[count - 1];
       const int64_t chunk_items = last.begin + last.items;

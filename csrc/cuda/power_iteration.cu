@@ -9,9 +9,8 @@
 //     rows); each writes its column sums for its chunk, the last chunk of a column block adds
 //     the chunks in chunk order, and the last column block of a layer normalizes t into v.
 //
-// Parametrization order (u_first): A then B, sigma = |t|^2 / max(|t|, eps) (= u . W v with
-// the new u, v). Hook order: B then A, sigma = |s|^2 / max(|s|, eps). So training never reads
-// W a third time. The schema is defined in Python (sn_cuda/schemas.py); this file only adds
+// Parametrization order (u_first): A then B, sigma = v . t (= u . W v with the new u, v).
+// Hook order: B then A, sigma = u . s. So training never reads W a third time. The schema is defined in Python (sn_cuda/schemas.py); this file only adds
 // the CUDA kernel.
 //
 // The vectors live in the accumulation type between launches: each normalization writes the
@@ -41,9 +40,39 @@ constexpr int64_t kColItemElems = 16384;
 // Launch A: threads per row grow until a thread has at most this many elements of its row.
 constexpr int64_t kRowElemsPerThread = 16;
 
+// y = x / max(|x|, eps) for one vector of n, by a whole block: rounded into the buffer
+// (`stride` apart), unrounded into the uv snapshot (what the next launch reads and sigma uses);
+// with `sigma` (the same for the whole block), also *sigma = y . x, torch's u . W v in the hook
+// order (x = W v, y = u) and v . W^T u in the parametrization order: summed as products of y
+// and x, not as |x|^2 / max(|x|, eps), whose |x|^2 underflows for a weight near 1e-18 in
+// float32 where torch's sigma is still finite. x was written by other blocks: read from L2.
+template <typename T, typename A>
+__device__ __forceinline__ void normalize_into(
+    const A* x, int64_t n, T* buffer, int64_t stride, A* snapshot, A eps, A* sigma) {
+  A part = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const A xi = load_global(x + i);
+    part += xi * xi;
+  }
+  const A denom = clamp_min(acc_sqrt(block_sum(part)), eps);
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const A yi = load_global(x + i) / denom;
+    buffer[i * stride] = static_cast<T>(yi);
+    snapshot[i] = yi;
+  }
+  if (sigma != nullptr) {
+    // Its own loop over what this thread just wrote (no barrier needed): summed inside the
+    // loop above, the bf16/fp16 instantiations of launch A got a stack frame (ptxas, sm_90).
+    A dot = 0;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) dot += snapshot[i] * load_global(x + i);
+    const A s = block_sum(dot);
+    if (threadIdx.x == 0) *sigma = s;
+  }
+}
+
 // u = s / max(|s|, eps) (training) or sigma = u . s (eval), for one layer, by its last block of
 // launch A. Training with `write_sigma` (hook order, last iteration) also writes
-// sigma = |s|^2 / max(|s|, eps). The uv snapshot receives the vectors sigma uses.
+// sigma = u . s. The uv snapshot receives the vectors sigma uses.
 template <typename T, typename A>
 __device__ void finish_rows(
     const PowerLayer& L, int l, const A* s, A* sigmas, A* uv, A eps, bool eval, bool write_sigma) {
@@ -64,41 +93,17 @@ __device__ void finish_rows(
     if (threadIdx.x == 0) sigmas[l] = sigma;
     return;
   }
-  A part = 0;
-  for (int64_t i = threadIdx.x; i < L.rows; i += kThreads) {
-    const A x = load_global(s + i);
-    part += x * x;
-  }
-  const A norm2 = block_sum(part);
-  const A denom = clamp_min(acc_sqrt(norm2), eps);
-  for (int64_t i = threadIdx.x; i < L.rows; i += kThreads) {
-    const A ui = load_global(s + i) / denom;
-    u[i * L.u_stride] = static_cast<T>(ui);
-    uv_u[i] = ui;  // unrounded: what launch B reads next and sigma uses
-  }
-  if (write_sigma && threadIdx.x == 0) sigmas[l] = norm2 / denom;
+  normalize_into<T>(s, L.rows, u, L.u_stride, uv_u, eps, write_sigma ? sigmas + l : nullptr);
 }
 
 // v = t / max(|t|, eps) for one layer, by its last block of launch B; with `write_sigma`
-// (parametrization order, last iteration) also sigma = |t|^2 / max(|t|, eps).
+// (parametrization order, last iteration) also sigma = v . t.
 template <typename T, typename A>
 __device__ void finish_cols(
     const PowerLayer& L, int l, const A* t, A* sigmas, A* uv, A eps, bool write_sigma) {
-  A part = 0;
-  for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) {
-    const A x = load_global(t + c);
-    part += x * x;
-  }
-  const A norm2 = block_sum(part);
-  const A denom = clamp_min(acc_sqrt(norm2), eps);
-  T* v = static_cast<T*>(L.v);
-  A* uv_v = uv + L.uv_off + L.rows;
-  for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) {
-    const A vc = load_global(t + c) / denom;
-    v[c * L.v_stride] = static_cast<T>(vc);
-    uv_v[c] = vc;  // unrounded: what launch A reads next and sigma uses
-  }
-  if (write_sigma && threadIdx.x == 0) sigmas[l] = norm2 / denom;
+  normalize_into<T>(
+      t, L.cols, static_cast<T*>(L.v), L.v_stride, uv + L.uv_off + L.rows, eps,
+      write_sigma ? sigmas + l : nullptr);
 }
 
 // Launch A: s = W v for every layer of the chunk (`sigmas` starts at its first layer; acc,
