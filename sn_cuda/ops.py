@@ -117,12 +117,12 @@ def check_layers(op: str, weights, us, vs, dims) -> None:
             if t.device != device:
                 raise RuntimeError(
                     f"{op}: all tensors must be on one device, but {name}[{i}] is on {t.device} "
-                    f"and the first weight on {device}"
+                    f"and weights[0] on {device}"
                 )
             if t.dtype != dtype:
                 raise RuntimeError(
                     f"{op}: all tensors must share one dtype, but {name}[{i}] is "
-                    f"{_TYPE_NAMES.get(t.dtype, t.dtype)} and the first weight "
+                    f"{_TYPE_NAMES.get(t.dtype, t.dtype)} and weights[0] "
                     f"{_TYPE_NAMES.get(dtype, dtype)}"
                 )
         if w.ndim < 1:

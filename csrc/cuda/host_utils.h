@@ -53,19 +53,20 @@ inline std::vector<int64_t> checked_dims(
   return out;
 }
 
-// Every tensor of the list defined, on `device`, of dtype `dtype`.
+// Every tensor of the list defined, on `device`, of dtype `dtype`: those of `first`, the
+// tensor they are compared with ("weights[0]", "w_sn[0]").
 inline void check_list(
     const char* op, at::TensorList tensors, const char* name, const at::Device& device,
-    at::ScalarType dtype) {
+    at::ScalarType dtype, const char* first) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
     TORCH_CHECK(
-        t.device() == device, op, ": all tensors must be on one CUDA device, but ", name, "[", i,
-        "] is on ", t.device(), " and the first weight on ", device);
+        t.device() == device, op, ": all tensors must be on one device, but ", name, "[", i,
+        "] is on ", t.device(), " and ", first, " on ", device);
     TORCH_CHECK(
         t.scalar_type() == dtype, op, ": all tensors must share one dtype, but ", name, "[", i,
-        "] is ", t.scalar_type(), " and the first weight ", dtype);
+        "] is ", t.scalar_type(), " and ", first, " ", dtype);
   }
 }
 

@@ -72,7 +72,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> normalize_cuda(
   const at::ScalarType dtype = weights[0].scalar_type();
   const at::ScalarType acc = acc_dtype(dtype);
   const int64_t n = static_cast<int64_t>(weights.size());
-  check_list(op, weights, "weights", device, dtype);
+  check_list(op, weights, "weights", device, dtype, "weights[0]");
   const std::vector<int64_t> wrapped = checked_dims(op, weights, dims, "weights");
   check_acc_vector(op, sigmas, "sigmas", n, device, acc);
   c10::DeviceGuard guard(device);

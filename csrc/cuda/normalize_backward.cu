@@ -166,8 +166,8 @@ std::vector<at::Tensor> normalize_backward_cuda(
   TORCH_CHECK(
       static_cast<int64_t>(grads.size()) == n, op, ": grads has ", grads.size(),
       " tensors but w_sn has ", n);
-  check_list(op, w_sn, "w_sn", device, dtype);
-  check_list(op, grads, "grads", device, dtype);
+  check_list(op, w_sn, "w_sn", device, dtype, "w_sn[0]");
+  check_list(op, grads, "grads", device, dtype, "w_sn[0]");
   const std::vector<int64_t> wrapped = checked_dims(op, w_sn, dims, "w_sn");
   check_acc_vector(op, sigmas, "sigmas", n, device, acc);
   const bool has_grad_sigmas = grad_sigmas.has_value() && grad_sigmas->defined();

@@ -279,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor> power_iteration_cuda(
   const size_t n = weights.size();
   TORCH_CHECK(us.size() == n, op, ": us has ", us.size(), " tensors but weights has ", n);
   TORCH_CHECK(vs.size() == n, op, ": vs has ", vs.size(), " tensors but weights has ", n);
-  check_list(op, weights, "weights", device, dtype);
-  check_list(op, us, "us", device, dtype);
-  check_list(op, vs, "vs", device, dtype);
+  check_list(op, weights, "weights", device, dtype, "weights[0]");
+  check_list(op, us, "us", device, dtype, "weights[0]");
+  check_list(op, vs, "vs", device, dtype, "weights[0]");
   const std::vector<int64_t> wrapped = checked_dims(op, weights, dims, "weights");
   const int64_t iterations = n_power_iterations.expect_int();
   c10::DeviceGuard guard(device);

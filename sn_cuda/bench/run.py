@@ -187,23 +187,15 @@ def run(suites: list[Suite], s: Settings) -> dict:
             "failed": {},
         }
         grads = suite_grads(suite, s.device, DTYPES[s.dtype])
-        for method in s.methods:
-            progress.start(f"{suite.name} / {methods_mod.LABELS[method]}")
-            why = methods_mod.unavailable_reason(method, s.device)
-            if why is not None:
-                entry["skipped"][method] = why
-                progress.finish(f"skipped ({why})")
-                continue
-            t = _time_or_fail(partial(_time_suite_method, suite, method, grads, s), entry, method, progress)
-            if t is None:
-                continue
+
+        def bandwidth(t: Timing, nbytes=nbytes) -> dict:
             gbps = nbytes / (t.median_us * 1e-6) / 1e9
-            entry["methods"][method] = {
-                **_timing_dict(t), "bytes": nbytes, "gbps": gbps,
-                "copy_fraction": gbps / env["copy_gbps"], "speedup": None,
-            }
-            progress.finish(f"{t.median_us:.0f} µs median of {t.repeats}")
-        _fill_speedups(entry["methods"])
+            return {"bytes": nbytes, "gbps": gbps, "copy_fraction": gbps / env["copy_gbps"]}
+
+        _time_methods(
+            entry, s.methods, suite.name, s.device, progress,
+            lambda method, grads=grads: _time_suite_method(suite, method, grads, s), bandwidth,
+        )
         result["suites"][suite.name] = entry
         del grads
 
@@ -212,24 +204,34 @@ def run(suites: list[Suite], s: Settings) -> dict:
             "model": "SNGAN CIFAR ResNet D", "batch": s.e2e_batch, "image_size": 32, "loss": "hinge",
             "optimizer": "Adam", "methods": {}, "skipped": {}, "failed": {},
         }
-        for method in e2e_methods:
-            progress.start(f"end-to-end SNGAN D step / {methods_mod.LABELS[method]}")
-            why = methods_mod.unavailable_reason(method, s.device) if method != "none" else None
-            if why is not None:
-                entry["skipped"][method] = why
-                progress.finish(f"skipped ({why})")
-                continue
-            t = _time_or_fail(partial(_time_e2e, method, s), entry, method, progress)
-            if t is None:
-                continue
-            entry["methods"][method] = {**_timing_dict(t), "speedup": None, "vs_no_sn": None}
-            progress.finish(f"{t.median_us:.0f} µs median of {t.repeats}")
-        _fill_speedups(entry["methods"])
+        _time_methods(
+            entry, e2e_methods, "end-to-end SNGAN D step", s.device, progress,
+            lambda method: _time_e2e(method, s), lambda t: {"vs_no_sn": None},
+        )
         none = entry["methods"].get("none")
         for m in entry["methods"].values():
             m["vs_no_sn"] = m["median_us"] / none["median_us"] if none else None
         result["end_to_end"] = entry
     return result
+
+
+def _time_methods(entry: dict, methods, label: str, device, progress, time_method, extra) -> None:
+    """Time each of ``methods`` (``time_method(method) -> Timing``) into ``entry``: its timing
+    plus ``extra(timing)`` under "methods", why not under "skipped" or "failed"; then the
+    speedups over torch's hook flavour."""
+    for method in methods:
+        progress.start(f"{label} / {methods_mod.LABELS[method]}")
+        why = methods_mod.unavailable_reason(method, device)
+        if why is not None:
+            entry["skipped"][method] = why
+            progress.finish(f"skipped ({why})")
+            continue
+        t = _time_or_fail(partial(time_method, method), entry, method, progress)
+        if t is None:
+            continue
+        entry["methods"][method] = {**_timing_dict(t), **extra(t), "speedup": None}
+        progress.finish(f"{t.median_us:.0f} µs median of {t.repeats}")
+    _fill_speedups(entry["methods"])
 
 
 def _fill_speedups(timed: dict) -> None:
