@@ -76,6 +76,9 @@ from .layers import SpectralNormLayer, has_spectral_norm, select_modules, spectr
 
 __all__ = ["batch", "apply", "BatchHandle", "batch_owner"]
 
+# The name that whole batched models pickled before layers.py (torch.save(model)) hold.
+_Layer = SpectralNormLayer
+
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -259,6 +262,10 @@ def batch(model: nn.Module) -> BatchHandle:
     the difference when a layer runs twice in one forward).
     """
     check_module("batch(model)", model)
+    return _batch(model, "batch(model)")
+
+
+def _batch(model: nn.Module, caller: str) -> BatchHandle:
     if isinstance(model, DistributedDataParallel):
         # Its forward broadcasts rank 0's buffers (u, v) and then runs its module: the layers
         # are staged in the module's forward, after the broadcast, not before it.
@@ -266,9 +273,10 @@ def batch(model: nn.Module) -> BatchHandle:
     handle = BatchHandle(model)
     if not handle.layers:  # most likely batch() before spectral norm was applied
         warnings.warn(
-            f"batch(model): found no spectral-normalized layer of 2 or more dims under "
-            f"{type(model).__name__} to batch; the handle does nothing",
-            stacklevel=2,
+            f"{caller}: found no spectral norm under {type(model).__name__} that it can batch "
+            "(a real weight of 2 or more dims, spectral norm first among its parametrizations); "
+            "the handle does nothing",
+            stacklevel=3,
         )
     return handle
 
@@ -303,7 +311,7 @@ def apply(
         for module in chosen:
             parametrization.spectral_norm(module, "weight", n_power_iterations, eps)
             done.append(module)
-        return batch(model)
+        return _batch(model, "apply()")
     except BaseException:
         for module in done:  # only the spectral norm this call appended; the rest as it was
             plist = module.parametrizations["weight"]

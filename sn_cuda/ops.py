@@ -1,9 +1,9 @@
 """The op boundary: sn_cuda's dispatcher ops and their fake kernels.
 
 Four ops live in the ``sn_cuda`` namespace: three with kernels, and ``spectral_norm``, which
-calls two of them. They are defined here (schemas: ``sn_cuda/schemas.py``), so that the ops exist (and torch.compile
-traces them) whether or not the compiled extension is installed; the default implementation of
-each of the three is the pure-torch reference (any device). The extension
+calls two of them. They are defined here (schemas: ``sn_cuda/schemas.py``), so that the ops
+exist (and torch.compile traces them) whether or not the compiled extension is installed; the
+default implementation of each of the three is the pure-torch reference (any device). The extension
 (``csrc/``) registers CUDA kernels for them, which the dispatcher prefers for CUDA tensors,
 and, for every device, normalize's autograd, power_iteration's (none: it runs below autograd)
 and its version bump, in C++ (``csrc/autograd.cpp``).

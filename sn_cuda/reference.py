@@ -33,8 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "TRANSPOSED_CONVS",
+    "default_dim",
     "weight_matrix",
     "power_iteration",
+    "sigma_and_vectors",
     "no_autocast",
     "spectral_norm",
     "spectral_norm_backward",

@@ -394,7 +394,7 @@ def test_one_dimensional_weights_stay_per_layer():
             return self.m.vec
 
     root = Root()
-    with pytest.warns(UserWarning, match="found no spectral-normalized layer of 2 or more dims"):
+    with pytest.warns(UserWarning, match=r"batch\(model\): found no spectral norm under Root that it can batch"):
         handle = sn_cuda.batch(root)
     assert len(handle) == 0
     torch.testing.assert_close(root(), nn.functional.normalize(model.parametrizations.vec.original, dim=0))
@@ -402,10 +402,14 @@ def test_one_dimensional_weights_stay_per_layer():
 
 def test_batch_of_a_model_without_spectral_norm_warns():
     model = nn.Sequential(nn.Linear(3, 3))
-    with pytest.warns(UserWarning, match="no spectral-normalized layer .* under Sequential"):
+    with pytest.warns(UserWarning, match="found no spectral norm under Sequential") as caught:
         handle = sn_cuda.batch(model)
+    assert caught[0].filename == __file__  # the user's call, not sn_cuda's
     assert len(handle) == 0
     handle.remove()
+    with pytest.warns(UserWarning, match=r"^apply\(\): found no spectral norm") as caught:
+        sn_cuda.apply(model, exclude=nn.Linear).remove()
+    assert caught[0].filename == __file__
 
 
 # ------------------------------------------------ what torch users do to a batched model

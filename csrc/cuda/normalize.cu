@@ -5,8 +5,8 @@
 // A flat loop over the contiguous elements of every layer, in items of a fixed number of
 // elements (an item never spans two layers), 16-byte loads and stores where the layer's
 // pointers allow. The quotient is taken in the accumulation type and rounded once to the
-// weight dtype, as the reference's `(w.to(acc) / sigma).to(w.dtype)`. The schema is defined
-// in sn_cuda/ops.py.
+// weight dtype, as the reference's `(w.to(acc) / sigma).to(w.dtype)`. The schema is in
+// sn_cuda/schemas.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

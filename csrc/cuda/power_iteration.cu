@@ -10,8 +10,8 @@
 //     the chunks in chunk order, and the last column block of a layer normalizes t into v.
 //
 // Parametrization order (u_first): A then B, sigma = v . t (= u . W v with the new u, v).
-// Hook order: B then A, sigma = u . s. So training never reads W a third time. The schema is defined in Python (sn_cuda/schemas.py); this file only adds
-// the CUDA kernel.
+// Hook order: B then A, sigma = u . s. So training never reads W a third time. The schema is
+// defined in Python (sn_cuda/schemas.py); this file only adds the CUDA kernel.
 //
 // The vectors live in the accumulation type between launches: each normalization writes the
 // packed uv output (float32 for float16/bfloat16 weights) and, rounded, the u or v buffer; the
