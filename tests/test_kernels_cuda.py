@@ -463,7 +463,15 @@ def check_vectors_sharing_memory(ops, device):
         assert sigmas.isfinite().all()
     sliced = torch.cat([us[0], vs[0][:2]])  # u_0 = sliced[:4], v_0 = sliced[2:5]: two overlap
     sliced = torch.cat([sliced, torch.zeros(1, device=device)])
+    # Strided vectors, element by element: one column twice, a column that crosses a dense v,
+    # a column of a weight, and a column of one matrix against another column of it that
+    # starts one row down (stride 2, elements 2..8 of one buffer against 0..6).
+    grid = torch.zeros(5, 2, device=device)
     cases = [
+        (weights, [columns[:, 0], columns[:, 0]], vs, r"us\[[01]\] shares memory with us\[[01]\]"),
+        (weights, [grid[:4, 0], us[1]], [grid.view(-1)[:3], vs[1]], r"us\[0\] shares memory with vs\[0\]"),
+        (weights, [weights[0].t()[0].clone(), weights[1][:, 0]], vs, r"us\[1\] shares memory with weights\[1\]"),
+        (weights, [grid[:4, 0], grid[1:, 0]], vs, r"us\[[01]\] shares memory with us\[[01]\]"),
         (weights, [torch.ones(1, device=device).expand(4), us[1]], vs, r"us\[0\] has elements that share memory"),
         (weights, [us[0], us[0]], vs, r"us\[[01]\] shares memory with us\[[01]\]"),
         (weights, [sliced[:4], us[1]], [sliced[2:5], vs[1]], r"(us\[0\] shares memory with vs\[0\]|vs\[0\] shares memory with us\[0\])"),

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -104,8 +105,10 @@ inline void check_acc_vector(
 // u and v are written in place while every weight is read, by many blocks at once: a vector
 // whose elements share memory (an expanded tensor), or that shares memory with another vector or
 // with a weight, would race on the GPU, with no error. Refused, as torch refuses in-place
-// outputs that overlap. Only dense spans are compared (as torch's overlap checks do): strided
-// vectors may interleave harmlessly (columns of one matrix), non-contiguous weights are copied.
+// outputs that overlap. Contiguous tensors are compared as spans of memory; a vector that is
+// not contiguous (a column of a matrix) element by element, so that the columns of one matrix,
+// which interleave without sharing an element, are accepted. Non-contiguous weights are copied
+// before the kernels read them.
 inline void check_vectors_disjoint(
     const char* op, at::TensorList weights, at::TensorList us, at::TensorList vs) {
   struct Span {
@@ -114,7 +117,14 @@ inline void check_vectors_disjoint(
     size_t index;
     bool written;
   };
+  auto refuse_if = [op](const Span* s, const Span* hit) {
+    TORCH_CHECK(
+        hit == nullptr, op, ": ", s->name, "[", s->index, "] shares memory with ",
+        hit == nullptr ? "" : hit->name, "[", hit == nullptr ? 0 : hit->index,
+        "]; u and v are written in place: give every layer vectors of its own");
+  };
   std::vector<Span> spans;
+  std::vector<std::pair<Span, const at::Tensor*>> strided;  // written, not contiguous
   spans.reserve(3 * weights.size());
   auto add = [&](const at::Tensor& t, const char* name, size_t i, bool written) {
     if (t.numel() == 0) return;
@@ -124,9 +134,12 @@ inline void check_vectors_disjoint(
           "] has elements that share memory (an expanded tensor?); it is written in place: "
           "pass a tensor of its own (.clone())");
     }
-    if (!t.is_contiguous()) return;
     const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-    spans.push_back({begin, begin + t.numel() * t.element_size(), name, i, written});
+    if (t.is_contiguous()) {
+      spans.push_back({begin, begin + t.numel() * t.element_size(), name, i, written});
+    } else if (written) {
+      strided.push_back({{begin, begin, name, i, true}, &t});
+    }
   };
   for (size_t i = 0; i < weights.size(); ++i) {
     add(weights[i], "weights", i, false);
@@ -143,12 +156,34 @@ inline void check_vectors_disjoint(
     const Span* hit = nullptr;
     if (s.written && furthest != nullptr && s.begin < furthest->end) hit = furthest;
     if (furthest_written != nullptr && s.begin < furthest_written->end) hit = furthest_written;
-    TORCH_CHECK(
-        hit == nullptr, op, ": ", s.name, "[", s.index, "] shares memory with ",
-        hit == nullptr ? "" : hit->name, "[", hit == nullptr ? 0 : hit->index,
-        "]; u and v are written in place: give every layer vectors of its own");
+    refuse_if(&s, hit);
     if (furthest == nullptr || s.end > furthest->end) furthest = &s;
     if (s.written && (furthest_written == nullptr || s.end > furthest_written->end)) furthest_written = &s;
+  }
+  if (strided.empty()) return;  // the modules' own buffers: always contiguous
+  // reach[k]: of spans[0..k] (in address order), the one that ends last. A span overlaps
+  // [a, a + size) if and only if it begins before a + size and ends after a, so the last span
+  // that begins before a + size decides through its reach.
+  std::vector<const Span*> reach(spans.size());
+  for (size_t k = 0; k < spans.size(); ++k) {
+    reach[k] = (k == 0 || spans[k].end > reach[k - 1]->end) ? &spans[k] : reach[k - 1];
+  }
+  std::unordered_map<uintptr_t, const Span*> elements;  // each strided element, by address
+  for (const auto& [span, t] : strided) {
+    const auto base = reinterpret_cast<uintptr_t>(t->const_data_ptr());
+    const uintptr_t size = t->element_size();
+    const uintptr_t step = t->stride(0) * size;  // a vector: one dim, stride > 0 (checked)
+    for (int64_t k = 0; k < t->numel(); ++k) {
+      const uintptr_t a = base + k * step;
+      const auto after = std::lower_bound(
+          spans.begin(), spans.end(), a + size, [](const Span& s, uintptr_t x) { return s.begin < x; });
+      if (after != spans.begin()) {
+        const Span* last = reach[(after - spans.begin()) - 1];
+        refuse_if(&span, last->end > a ? last : nullptr);
+      }
+      const auto [it, fresh] = elements.emplace(a, &span);
+      refuse_if(&span, fresh ? nullptr : it->second);
+    }
   }
 }
 
