@@ -76,9 +76,6 @@ from .layers import SpectralNormLayer, has_spectral_norm, select_modules, spectr
 
 __all__ = ["batch", "apply", "BatchHandle", "batch_owner"]
 
-# The name that whole batched models pickled before layers.py (torch.save(model)) hold.
-_Layer = SpectralNormLayer
-
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed
@@ -143,7 +140,6 @@ class BatchHandle:
             if layer.param_flavour and not isinstance(layer.plist, _StagedParametrizations):
                 layer.plist_class = type(layer.plist)
                 layer.plist.__class__ = _StagedParametrizations
-        for layer in layers:
             # An instance attribute where the class's was read: a model compiled before batch()
             # fails torch.compile's guards on it and is traced again, now batched (sn_cuda's own
             # hooks change class in no other way that a guard would see).

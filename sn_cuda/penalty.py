@@ -48,9 +48,6 @@ class _PenalizedWeight(NamedTuple):
         return raw_weight(self.module)
 
 
-_Layer = _PenalizedWeight  # its name in penalties pickled before (torch.save(penalty))
-
-
 class SpectralPenalty(nn.Module):
     """``penalty()`` = Σ_l σ(W_l)² over the selected weights of ``model``, differentiable.
 
